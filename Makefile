@@ -1,0 +1,34 @@
+# ferrum-gen: the two commands are `make generate SPEC=qwen3moe.yaml` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SPEC   ?= qwen3moe.yaml
+OUT    ?= generated
+# The GPU suite runs under an interpreter that has CuPy (on the GPU machines: the system python3).
+GPU_PYTHON ?= python3
+
+.PHONY: venv generate generate-all test gpu-test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+generate: $(STAMP)
+	$(BIN)/ferrum-gen generate --spec $(SPEC) --out $(OUT)
+
+generate-all: $(STAMP)
+	$(BIN)/ferrum-gen generate --all --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+gpu-test:
+	$(GPU_PYTHON) -m pytest -m gpu tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

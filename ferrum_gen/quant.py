@@ -1,0 +1,127 @@
+"""GGUF k-quant block layouts (Q4_K, Q6_K): sizes, numpy dequantisation, random valid
+blocks for tests, and the one-time conversion into the layout the GPU kernels read.
+
+Q4_K, 144 bytes / 256 weights: d f16, dmin f16, 12 bytes of packed 6-bit scales and
+mins for 8 sub-blocks of 32, 128 bytes of 4-bit values.
+Q6_K, 210 bytes / 256 weights: ql[128], qh[64], scales[16] int8, d f16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .spec import QK_K, QuantType
+
+BLOCK_BYTES = {QuantType.Q4_K: 144, QuantType.Q6_K: 210}
+"""Bytes of one 256-weight super-block as stored in a GGUF file."""
+
+Q6_K_GPU_BLOCK_BYTES = 208
+"""Q6_K on the GPU: ql, qh and reordered scales (16-byte aligned); d lives in its own array."""
+
+GGML_TYPE_ID = {QuantType.Q4_K: 12, QuantType.Q6_K: 14}
+"""ggml's numeric type ids, as GGUF files store them."""
+
+
+def row_bytes(qt: QuantType, in_dim: int) -> int:
+    if in_dim % QK_K:
+        raise ValueError(f"a {qt.value} row needs a multiple of {QK_K} weights, got {in_dim}")
+    return in_dim // QK_K * BLOCK_BYTES[qt]
+
+
+def _as_blocks(qt: QuantType, data: np.ndarray) -> np.ndarray:
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    nbytes = BLOCK_BYTES[qt]
+    if raw.size % nbytes:
+        raise ValueError(f"{raw.size} bytes is not a whole number of {qt.value} blocks ({nbytes} bytes each)")
+    return raw.reshape(-1, nbytes)
+
+
+def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack the 12 scale bytes of each block (shape (N, 12)) into 8 scales and 8 mins."""
+    q = scales.astype(np.uint16)
+    sc = np.empty(q.shape[:-1] + (8,), dtype=np.uint16)
+    mn = np.empty_like(sc)
+    sc[..., :4] = q[..., 0:4] & 63
+    mn[..., :4] = q[..., 4:8] & 63
+    sc[..., 4:] = (q[..., 8:12] & 15) | ((q[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """GGUF bytes to float32 weights, in the weights' natural order (input dim contiguous)."""
+    blocks = _as_blocks(qt, data)
+    n = blocks.shape[0]
+    if qt is QuantType.Q4_K:
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = q4_k_scales_mins(blocks[:, 4:16])
+        qs = blocks[:, 16:144].reshape(n, 4, 32)
+        q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
+        w = d[:, :, None] * sc.astype(np.float32)[:, :, None] * q - (dmin * mn.astype(np.float32))[:, :, None]
+        out = w.reshape(n, QK_K)
+    elif qt is QuantType.Q6_K:
+        ql = blocks[:, 0:128].reshape(n, 2, 64)
+        qh = blocks[:, 128:192].reshape(n, 2, 32)
+        scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32).reshape(n, 16)
+        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+        lo, hi = ql[:, :, :32], ql[:, :, 32:]
+        q = np.stack(
+            [
+                (lo & 15) | (((qh >> 0) & 3) << 4),
+                (hi & 15) | (((qh >> 2) & 3) << 4),
+                (lo >> 4) | (((qh >> 4) & 3) << 4),
+                (hi >> 4) | (((qh >> 6) & 3) << 4),
+            ],
+            axis=2,
+        ).reshape(n, QK_K).astype(np.float32) - 32.0
+        out = d * np.repeat(scales, 16, axis=1) * q
+    else:  # pragma: no cover - QuantType is closed
+        raise ValueError(f"unsupported quant type {qt}")
+    out = out.reshape(-1)
+    return out.reshape(shape) if shape is not None else out
+
+
+def random_blocks(qt: QuantType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random but valid blocks: arbitrary quant bits, finite positive f16 scale fields.
+
+    The scale fields are sized so that weights land around 1e-2..1e-1, like real layers.
+    """
+    nbytes = BLOCK_BYTES[qt]
+    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    if qt is QuantType.Q4_K:
+        raw[:, 0:2] = rng.uniform(2e-4, 1e-3, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, 2:4] = rng.uniform(0.0, 5e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    else:
+        raw[:, 208:210] = rng.uniform(5e-5, 2e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def random_matrix_bytes(qt: QuantType, rows: int, in_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """A (rows, row_bytes) uint8 matrix of random valid blocks."""
+    nb = in_dim // QK_K
+    return random_blocks(qt, rows * nb, rng).reshape(rows, nb * BLOCK_BYTES[qt])
+
+
+# Q6_K lane chunk (n, s) reads scales 8n + 2m + s, m = 0..3: store those four together.
+_Q6_K_SCALE_ORDER = np.array([8 * n + 2 * m + s for n in range(2) for s in range(2) for m in range(4)])
+
+
+def to_gpu_layout(qt: QuantType, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The GGUF bytes (..., row_bytes) in the layout the kernels read, converted once at load.
+
+    Q4_K keeps the GGUF layout (144-byte blocks are 16-byte aligned). Q6_K blocks (210
+    bytes) are not, so each becomes 208 bytes [ql | qh | scales reordered per lane chunk]
+    plus its f16 d in a separate array of shape (..., blocks_per_row). Nothing is
+    dequantised: the GPU holds exactly the GGUF's bytes, rearranged.
+    """
+    if qt is QuantType.Q4_K:
+        return np.ascontiguousarray(data, dtype=np.uint8), None
+    lead = data.shape[:-1]
+    blocks = _as_blocks(qt, data)
+    packed = np.empty((blocks.shape[0], Q6_K_GPU_BLOCK_BYTES), dtype=np.uint8)
+    packed[:, :192] = blocks[:, :192]
+    packed[:, 192:208] = blocks[:, 192:208][:, _Q6_K_SCALE_ORDER]
+    d = blocks[:, 208:210].copy().view(np.float16).reshape(-1)
+    nb = data.shape[-1] // BLOCK_BYTES[qt]
+    return packed.reshape(lead + (nb * Q6_K_GPU_BLOCK_BYTES,)), d.reshape(lead + (nb,))

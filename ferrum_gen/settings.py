@@ -1,0 +1,88 @@
+"""Runtime configuration from FERRUM_* environment variables, read once and validated.
+
+| variable | meaning | default |
+|---|---|---|
+| FERRUM_GEN_CACHE | directory of compiled-kernel cache entries | $XDG_CACHE_HOME/ferrum-gen (~/.cache/ferrum-gen) |
+| FERRUM_MOE_BLOCK_SIZE | prefill block size override; must be one of the spec's prefill.block_sizes | unset: the padding rule picks |
+| FERRUM_MOE_HOST_ROUTE | 1: route in numpy on the host and upload the plan (debugging; synchronises) | 0 |
+| FERRUM_MOE_PROFILE | 1: time each phase with CUDA events and keep a table (synchronises) | 0 |
+
+A malformed value raises SettingsError naming the variable; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A FERRUM_* variable holds a value that cannot be used."""
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return False
+    if raw in ("0", "1"):
+        return raw == "1"
+    raise SettingsError(f"{name}={raw!r}: set it to 1 to enable or 0 (or unset) to disable")
+
+
+def _block_size(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: set it to a block size such as 16, 32 or 64, or unset it") from None
+    if value <= 0 or value % 16:
+        raise SettingsError(f"{name}={raw!r}: a block size is a positive multiple of 16 (16, 32, 64, ...)")
+    return value
+
+
+def _cache_dir(env: Mapping[str, str], name: str) -> Path:
+    raw = env.get(name)
+    if raw:
+        path = Path(raw).expanduser()
+        if path.exists() and not path.is_dir():
+            raise SettingsError(f"{name}={raw!r} exists and is not a directory: point it at a directory")
+        return path
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ferrum-gen"
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path
+    block_size_override: int | None
+    host_route: bool
+    profile: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        return cls(
+            cache_dir=_cache_dir(env, "FERRUM_GEN_CACHE"),
+            block_size_override=_block_size(env, "FERRUM_MOE_BLOCK_SIZE"),
+            host_route=_flag(env, "FERRUM_MOE_HOST_ROUTE"),
+            profile=_flag(env, "FERRUM_MOE_PROFILE"),
+        )
+
+    def check_block_size(self, allowed: tuple[int, ...]) -> None:
+        """The override must name a block size whose kernels the bundle has."""
+        if self.block_size_override is not None and self.block_size_override not in allowed:
+            raise SettingsError(
+                f"FERRUM_MOE_BLOCK_SIZE={self.block_size_override}: this bundle has kernels for block "
+                f"sizes {list(allowed)} only; pick one of them or unset the variable"
+            )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()

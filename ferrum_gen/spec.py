@@ -1,0 +1,286 @@
+"""The MoE spec: one model's MoE-layer shape, loaded from YAML and validated.
+
+Every mistake a user can make in a spec file is rejected here, with a message
+that names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+QK_K = 256
+"""Weights per k-quant super-block: a k-quantized row's input size must be a multiple."""
+
+SPECS_DIR = Path(__file__).parent / "specs"
+
+MAX_EXPERTS = 1024
+"""The align kernel keeps three per-expert int32 arrays in shared memory."""
+
+MAX_TOP_K = 32
+"""The router keeps the chosen experts in registers across one warp."""
+
+
+class QuantType(str, Enum):
+    Q4_K = "q4_k"
+    Q6_K = "q6_k"
+
+
+class ActivationDtype(str, Enum):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+
+
+class Arch(str, Enum):
+    SM_80 = "sm_80"
+    SM_86 = "sm_86"
+    SM_89 = "sm_89"
+    SM_90 = "sm_90"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the field and the fix."""
+
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+class ProjectionQuant(BaseModel):
+    """GGUF quant type of each expert projection (read per tensor, never assumed)."""
+
+    model_config = _FROZEN
+
+    gate: QuantType
+    up: QuantType
+    down: QuantType
+
+
+class PrefillConfig(BaseModel):
+    """Knobs of the prefill (grouped GEMM) path."""
+
+    model_config = _FROZEN
+
+    block_sizes: tuple[int, ...] = Field(
+        default=(16, 32, 64),
+        description="candidate rows per aligned expert block; one GEMM kernel is generated per size",
+    )
+    padding_budget: float = Field(
+        default=1.30,
+        description="the largest block size whose padded pair count stays within budget x real count wins",
+    )
+    gate_up_tile_n: int = Field(default=32, description="intermediate columns per gate+up GEMM tile")
+    down_tile_n: int = Field(default=64, description="hidden columns per down GEMM tile")
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _block_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("prefill.block_sizes is empty: list at least one size, e.g. [16, 32, 64]")
+        for bs in v:
+            if bs <= 0 or bs % 16 or bs > 128:
+                raise ValueError(
+                    f"prefill.block_sizes has {bs}: each size must be a multiple of 16 "
+                    "(one tensor-core tile) between 16 and 128"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"prefill.block_sizes {list(v)} repeats a size: list each once")
+        return tuple(sorted(v))
+
+    @field_validator("padding_budget")
+    @classmethod
+    def _budget(cls, v: float) -> float:
+        if not (1.0 <= v <= 4.0):
+            raise ValueError(
+                f"prefill.padding_budget is {v}: it is a ratio of padded to real pairs, "
+                "use a value between 1.0 and 4.0 (the seed uses 1.30)"
+            )
+        return v
+
+    @field_validator("gate_up_tile_n", "down_tile_n")
+    @classmethod
+    def _tile(cls, v: int, info: Any) -> int:
+        if v <= 0 or v % 32:
+            raise ValueError(
+                f"prefill.{info.field_name} is {v}: use a positive multiple of 32 "
+                "(four warps, one 8-wide tensor-core tile each)"
+            )
+        return v
+
+
+class MoeSpec(BaseModel):
+    """One model's MoE layer: every size here becomes a compile-time constant."""
+
+    model_config = _FROZEN
+
+    name: str = Field(description="bundle name: generated/<name>/; lower-case letters, digits, _")
+    model: str = Field(default="", description="the model this spec describes, for people")
+    hidden_size: int = Field(description="H: the model's embedding length")
+    intermediate_size: int = Field(description="I: one expert's feed-forward length")
+    num_experts: int = Field(description="E: experts per layer")
+    top_k: int = Field(description="k: experts used per token")
+    norm_topk_prob: bool = Field(description="renormalise the top-k probabilities to sum to 1")
+    quant: ProjectionQuant
+    activation_dtype: ActivationDtype = Field(description="dtype of x and out: f32, f16 or bf16")
+    decode_max_tokens: int = Field(
+        default=16, description="token counts up to this take the decode (GEMV) path, larger ones prefill"
+    )
+    prefill: PrefillConfig = Field(default_factory=PrefillConfig)
+    target_archs: tuple[Arch, ...] = Field(
+        default=(Arch.SM_90,), description="GPU architectures the bundle is compiled for"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", v):
+            raise ValueError(
+                f"name {v!r} is not usable as a directory and symbol prefix: use lower-case "
+                "letters, digits and '_', starting with a letter (e.g. qwen3moe)"
+            )
+        return v
+
+    @field_validator("hidden_size", "intermediate_size", "num_experts", "top_k", "decode_max_tokens")
+    @classmethod
+    def _positive(cls, v: int, info: Any) -> int:
+        if v <= 0:
+            raise ValueError(f"{info.field_name} is {v}: it must be a positive integer")
+        return v
+
+    @field_validator("num_experts")
+    @classmethod
+    def _experts(cls, v: int) -> int:
+        if v > MAX_EXPERTS:
+            raise ValueError(f"num_experts is {v}: at most {MAX_EXPERTS} experts are supported")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v > MAX_TOP_K:
+            raise ValueError(f"top_k is {v}: at most {MAX_TOP_K} experts per token are supported")
+        return v
+
+    @field_validator("target_archs")
+    @classmethod
+    def _archs(cls, v: tuple[Arch, ...]) -> tuple[Arch, ...]:
+        if not v:
+            raise ValueError("target_archs is empty: list at least one, e.g. [sm_90]")
+        if len(set(v)) != len(v):
+            raise ValueError("target_archs repeats an arch: list each once")
+        return v
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "MoeSpec":
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) is larger than num_experts ({self.num_experts}): "
+                "a token cannot use more experts than the layer has"
+            )
+        for proj, in_name, in_dim in (
+            ("gate", "hidden_size", self.hidden_size),
+            ("up", "hidden_size", self.hidden_size),
+            ("down", "intermediate_size", self.intermediate_size),
+        ):
+            if in_dim % QK_K:
+                qt = getattr(self.quant, proj).value
+                raise ValueError(
+                    f"quant.{proj} is {qt} but its input size {in_name}={in_dim} is not a multiple "
+                    f"of {QK_K}: k-quants need whole {QK_K}-weight super-blocks (llama.cpp falls back "
+                    "to q5_0/q8_0 for such rows, which ferrum-gen does not generate)"
+                )
+        for field, n, size_name in (
+            ("gate_up_tile_n", self.prefill.gate_up_tile_n, "intermediate_size"),
+            ("down_tile_n", self.prefill.down_tile_n, "hidden_size"),
+        ):
+            size = getattr(self, size_name)
+            if size % n:
+                raise ValueError(
+                    f"prefill.{field} ({n}) does not divide {size_name} ({size}): "
+                    f"pick a multiple of 32 that divides {size}"
+                )
+        return self
+
+    # --- derived values -------------------------------------------------
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form: equal specs hash equal, whatever the YAML looked like."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def shape_tag(self) -> str:
+        """The shape part of every kernel uri, e.g. h2048_i768_e128_k8."""
+        return f"h{self.hidden_size}_i{self.intermediate_size}_e{self.num_experts}_k{self.top_k}"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {loc!r}: remove it or fix its spelling (see docs/spec.md for the keys)"
+        elif e["type"] == "missing":
+            msg = f"missing required key {loc!r}: add it"
+        elif e["type"] == "enum":
+            allowed = e.get("ctx", {}).get("expected", "")
+            msg = f"{loc} is {e.get('input')!r}: use one of {allowed}"
+        lines.append(f"  - {loc or '<top level>'}: {msg}")
+    return "\n".join(lines)
+
+
+def spec_from_dict(data: Any, source: str = "<dict>") -> MoeSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec {source}: the top level must be a mapping of keys to values")
+    try:
+        return MoeSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source)) from None
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped spec (with or without .yaml)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    shipped = SPECS_DIR / name
+    if shipped.is_file():
+        return shipped
+    raise SpecError(
+        f"spec {str(spec)!r} is neither a file nor a shipped spec; shipped specs: "
+        + ", ".join(shipped_spec_names())
+    )
+
+
+def load_spec(spec: str | Path) -> MoeSpec:
+    path = resolve_spec_path(spec)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"invalid spec {path}: not valid YAML: {err}") from None
+    return spec_from_dict(data, str(path))
+
+
+def shipped_spec_names() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def shipped_specs() -> list[MoeSpec]:
+    return [load_spec(SPECS_DIR / f"{n}.yaml") for n in shipped_spec_names()]
+
+
+def spec_to_yaml(spec: MoeSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
