@@ -1,0 +1,1 @@
+"""Kernel families: each module turns a spec into the values of one template."""

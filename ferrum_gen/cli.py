@@ -1,0 +1,118 @@
+"""The `ferrum-gen` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .spec import SpecError, load_spec, shipped_spec_names, spec_to_yaml
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .render import write_bundle
+
+    names = shipped_spec_names() if args.all else [args.spec]
+    for name in names:
+        spec = load_spec(name)
+        bundle = write_bundle(spec, Path(args.out))
+        count = len(list(bundle.glob("*.cu")))
+        print(f"{spec.name}: {count} kernels -> {bundle}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 when a bundle on disk differs from what the generator renders now."""
+    from .render import bundle_files
+
+    names = shipped_spec_names() if args.all else [args.spec]
+    stale = 0
+    for name in names:
+        spec = load_spec(name)
+        bundle = Path(args.out) / spec.name
+        want = bundle_files(spec)
+        have = {p.name for p in bundle.glob("*.cu")} | ({"manifest.json"} if (bundle / "manifest.json").exists() else set())
+        for fname in sorted(set(want) | have):
+            path = bundle / fname
+            if fname not in want:
+                print(f"{path}: not generated any more")
+            elif not path.exists():
+                print(f"{path}: missing")
+            elif path.read_text() != want[fname]:
+                print(f"{path}: differs from the generator's output")
+            else:
+                continue
+            stale += 1
+    if stale:
+        print(f"{stale} file(s) out of date: run `make generate-all` (or `ferrum-gen generate --all`)")
+        return 1
+    print("generated files are up to date")
+    return 0
+
+
+def _cmd_spec_from_gguf(args: argparse.Namespace) -> int:
+    from .gguf_io import describe_quant_layers, quant_types_by_layer, spec_from_gguf
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = spec_from_gguf(args.file, layer=args.layer, name=args.name, activation_dtype=args.activation_dtype)
+    for w in caught:
+        print(f"# note: {w.message}", file=sys.stderr)
+    if caught:
+        print("# quant types by layer: " + describe_quant_layers(quant_types_by_layer(args.file)), file=sys.stderr)
+    sys.stdout.write(spec_to_yaml(spec))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .bundle import build_bundle
+
+    spec = load_spec(args.spec)
+    out = build_bundle(spec, Path(args.out), args.arch)
+    print(f"{spec.name}: cubins for {args.arch} -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ferrum-gen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def spec_args(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--spec", help="a spec YAML file, or the name of a shipped spec (e.g. qwen3moe)")
+        group.add_argument("--all", action="store_true", help="every shipped spec")
+        p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
+
+    p = sub.add_parser("generate", help="render a spec's kernels into <out>/<spec>/")
+    spec_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("check", help="fail if the bundles on disk differ from a fresh generation")
+    spec_args(p)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("spec-from-gguf", help="print a spec YAML for a qwen3moe/olmoe/mixtral GGUF file")
+    p.add_argument("file")
+    p.add_argument("--layer", type=int, default=None, help="layer whose quant types to use (default: first MoE layer)")
+    p.add_argument("--name", default=None, help="spec name (default: the architecture)")
+    p.add_argument("--activation-dtype", default="bf16", choices=["f32", "f16", "bf16"])
+    p.set_defaults(func=_cmd_spec_from_gguf)
+
+    p = sub.add_parser("build", help="compile a generated bundle ahead of time for one GPU arch (needs CuPy)")
+    p.add_argument("--spec", required=True, help="a spec YAML file or shipped spec name")
+    p.add_argument("--arch", required=True, help="e.g. sm_90")
+    p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
+    p.set_defaults(func=_cmd_build)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, ValueError) as err:
+        # SpecError, GgufError, SettingsError and BundleError are all ValueErrors with messages for people
+        print(f"ferrum-gen: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

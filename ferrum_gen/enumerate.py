@@ -1,0 +1,26 @@
+"""A spec expands into the list of kernels its MoE layer needs."""
+
+from __future__ import annotations
+
+from .families import (
+    align,
+    combine,
+    gemm_down,
+    gemm_gate_up_silu,
+    gemv_down_combine,
+    gemv_gate_up_silu,
+    router,
+)
+from .families.base import KernelSpec
+from .spec import MoeSpec
+
+FAMILIES = (router, align, gemv_gate_up_silu, gemv_down_combine, gemm_gate_up_silu, gemm_down, combine)
+
+
+def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:
+    kernels = [k for family in FAMILIES for k in family.kernels(spec)]
+    uris = [k.uri for k in kernels]
+    duplicated = sorted({u for u in uris if uris.count(u) > 1})
+    if duplicated:  # a uri is the file, the symbol and the cache key: it must be unique
+        raise AssertionError(f"kernel uris collide: {duplicated}")
+    return kernels

@@ -1,0 +1,50 @@
+"""Decode down GEMV family, with the router-weighted combine fused in."""
+
+from __future__ import annotations
+
+import math
+
+from ..spec import MoeSpec
+from .base import ACT_CTYPE, QUANT_STRUCT, Arg, KernelSpec, chunks_per_row, lanes_per_row
+
+WARPS = 4
+MAX_LOADS_IN_FLIGHT = 16
+"""Chunks a lane may hold at once: the expert loop is unrolled only while it stays under this."""
+
+
+def kernels(spec: MoeSpec) -> list[KernelSpec]:
+    qd = spec.quant.down
+    cpr = chunks_per_row(qd, spec.intermediate_size)
+    lpr = lanes_per_row(cpr)
+    rows_per_cta = WARPS * (32 // lpr)
+    iters = math.ceil(cpr / lpr)
+    dtype = spec.activation_dtype
+    uri = f"gemv_down_combine_{qd.value}_{spec.shape_tag}_{dtype.value}"
+    return [
+        KernelSpec(
+            uri=uri,
+            family="gemv_down_combine",
+            template="gemv_down_combine.cu.j2",
+            values={
+                "H": spec.hidden_size,
+                "I": spec.intermediate_size,
+                "K_TOP": spec.top_k,
+                "LPR": lpr,
+                "WARPS": WARPS,
+                "ROWS_PER_CTA": rows_per_cta,
+                "EXPERT_UNROLL": spec.top_k if iters * spec.top_k <= MAX_LOADS_IN_FLIGHT else 1,
+                "ACT_T": ACT_CTYPE[dtype],
+                "DOWN_Q": QUANT_STRUCT[qd],
+            },
+            args=(
+                Arg("a", "const float*"),
+                Arg("ids", "const int*"),
+                Arg("weights", "const float*"),
+                Arg("w_down", "const u8*"),
+                Arg("w_down_d", "const __half*"),
+                Arg("out", f"{ACT_CTYPE[dtype]}*"),
+            ),
+            launch={"threads": WARPS * 32, "grid": "(ceil(H / rows_per_cta), num_tokens)",
+                    "rows_per_cta": rows_per_cta, "lanes_per_row": lpr, "smem_bytes": 0},
+        )
+    ]
