@@ -28,8 +28,8 @@ def row_bytes(qt: QuantType, in_dim: int) -> int:
     return in_dim // QK_K * BLOCK_BYTES[qt]
 
 
-def _as_blocks(qt: QuantType, data: np.ndarray) -> np.ndarray:
-    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+def _as_blocks(qt: QuantType, data: np.ndarray, xp=np) -> np.ndarray:
+    raw = xp.ascontiguousarray(data, dtype=xp.uint8).reshape(-1)
     nbytes = BLOCK_BYTES[qt]
     if raw.size % nbytes:
         raise ValueError(f"{raw.size} bytes is not a whole number of {qt.value} blocks ({nbytes} bytes each)")
@@ -38,9 +38,9 @@ def _as_blocks(qt: QuantType, data: np.ndarray) -> np.ndarray:
 
 def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unpack the 12 scale bytes of each block (shape (N, 12)) into 8 scales and 8 mins."""
-    q = scales.astype(np.uint16)
-    sc = np.empty(q.shape[:-1] + (8,), dtype=np.uint16)
-    mn = np.empty_like(sc)
+    q = scales.astype("uint16")
+    sc = q[..., :8].copy()
+    mn = q[..., :8].copy()
     sc[..., :4] = q[..., 0:4] & 63
     mn[..., :4] = q[..., 4:8] & 63
     sc[..., 4:] = (q[..., 8:12] & 15) | ((q[..., 0:4] >> 6) << 4)
@@ -48,25 +48,28 @@ def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """GGUF bytes to float32 weights, in the weights' natural order (input dim contiguous)."""
-    blocks = _as_blocks(qt, data)
+def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = None, xp=np) -> np.ndarray:
+    """GGUF bytes to float32 weights, in the weights' natural order (input dim contiguous).
+
+    xp is the array module: numpy, or cupy to dequantize large stacks on the GPU.
+    """
+    blocks = _as_blocks(qt, data, xp)
     n = blocks.shape[0]
     if qt is QuantType.Q4_K:
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        d = blocks[:, 0:2].copy().view(xp.float16).astype(xp.float32)
+        dmin = blocks[:, 2:4].copy().view(xp.float16).astype(xp.float32)
         sc, mn = q4_k_scales_mins(blocks[:, 4:16])
         qs = blocks[:, 16:144].reshape(n, 4, 32)
-        q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
-        w = d[:, :, None] * sc.astype(np.float32)[:, :, None] * q - (dmin * mn.astype(np.float32))[:, :, None]
+        q = xp.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(xp.float32)
+        w = d[:, :, None] * sc.astype(xp.float32)[:, :, None] * q - (dmin * mn.astype(xp.float32))[:, :, None]
         out = w.reshape(n, QK_K)
     elif qt is QuantType.Q6_K:
         ql = blocks[:, 0:128].reshape(n, 2, 64)
         qh = blocks[:, 128:192].reshape(n, 2, 32)
-        scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32).reshape(n, 16)
-        d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+        scales = blocks[:, 192:208].copy().view(xp.int8).astype(xp.float32).reshape(n, 16)
+        d = blocks[:, 208:210].copy().view(xp.float16).astype(xp.float32)
         lo, hi = ql[:, :, :32], ql[:, :, 32:]
-        q = np.stack(
+        q = xp.stack(
             [
                 (lo & 15) | (((qh >> 0) & 3) << 4),
                 (hi & 15) | (((qh >> 2) & 3) << 4),
@@ -74,8 +77,8 @@ def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = 
                 (hi >> 4) | (((qh >> 6) & 3) << 4),
             ],
             axis=2,
-        ).reshape(n, QK_K).astype(np.float32) - 32.0
-        out = d * np.repeat(scales, 16, axis=1) * q
+        ).reshape(n, QK_K).astype(xp.float32) - 32.0
+        out = d * xp.repeat(scales, 16, axis=1) * q
     else:  # pragma: no cover - QuantType is closed
         raise ValueError(f"unsupported quant type {qt}")
     out = out.reshape(-1)

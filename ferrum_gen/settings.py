@@ -51,6 +51,15 @@ def _cache_dir(env: Mapping[str, str], name: str) -> Path:
         path = Path(raw).expanduser()
         if path.exists() and not path.is_dir():
             raise SettingsError(f"{name}={raw!r} exists and is not a directory: point it at a directory")
+        for parent in path.parents:
+            # The directory is created on first use; that cannot work below a file.
+            if parent.exists():
+                if not parent.is_dir():
+                    raise SettingsError(
+                        f"{name}={raw!r}: {str(parent)!r} is a file, so the directory cannot be created "
+                        "there; point it at a directory"
+                    )
+                break
         return path
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ferrum-gen"

@@ -6,7 +6,9 @@ that names the field and says how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import io
 import json
 import re
 from enum import Enum
@@ -53,14 +55,21 @@ class SpecError(ValueError):
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
 
+def _reject_bool(v: Any, where: str) -> Any:
+    """pydantic's lax mode reads `true` as 1 in a number field; a spec never means that."""
+    if isinstance(v, bool):
+        raise ValueError(f"{where} is {str(v).lower()}: it is a number, not true/false; write the number")
+    return v
+
+
 class ProjectionQuant(BaseModel):
     """GGUF quant type of each expert projection (read per tensor, never assumed)."""
 
     model_config = _FROZEN
 
-    gate: QuantType
-    up: QuantType
-    down: QuantType
+    gate: QuantType = Field(description="quant type of ffn_gate_exps (input size hidden_size)")
+    up: QuantType = Field(description="quant type of ffn_up_exps (input size hidden_size)")
+    down: QuantType = Field(description="quant type of ffn_down_exps (input size intermediate_size)")
 
 
 class PrefillConfig(BaseModel):
@@ -79,6 +88,19 @@ class PrefillConfig(BaseModel):
     gate_up_tile_n: int = Field(default=32, description="intermediate columns per gate+up GEMM tile")
     down_tile_n: int = Field(default=64, description="hidden columns per down GEMM tile")
 
+    @field_validator("padding_budget", "gate_up_tile_n", "down_tile_n", mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, v: Any, info: Any) -> Any:
+        return _reject_bool(v, f"prefill.{info.field_name}")
+
+    @field_validator("block_sizes", mode="before")
+    @classmethod
+    def _block_sizes_not_bools(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            for bs in v:
+                _reject_bool(bs, "an entry of prefill.block_sizes")
+        return v
+
     @field_validator("block_sizes")
     @classmethod
     def _block_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -88,10 +110,13 @@ class PrefillConfig(BaseModel):
             if bs <= 0 or bs % 16 or bs > 128:
                 raise ValueError(
                     f"prefill.block_sizes has {bs}: each size must be a multiple of 16 "
-                    "(one tensor-core tile) between 16 and 128"
+                    "(one tensor-core tile) between 16 and 128, i.e. one of 16, 32, 48, ..., 128"
                 )
         if len(set(v)) != len(v):
-            raise ValueError(f"prefill.block_sizes {list(v)} repeats a size: list each once")
+            raise ValueError(
+                f"prefill.block_sizes {list(v)} repeats a size: list each once, "
+                f"e.g. {sorted(set(v))}"
+            )
         return tuple(sorted(v))
 
     @field_validator("padding_budget")
@@ -147,25 +172,36 @@ class MoeSpec(BaseModel):
             )
         return v
 
+    @field_validator("hidden_size", "intermediate_size", "num_experts", "top_k", "decode_max_tokens", mode="before")
+    @classmethod
+    def _sizes_not_bools(cls, v: Any, info: Any) -> Any:
+        return _reject_bool(v, info.field_name)
+
     @field_validator("hidden_size", "intermediate_size", "num_experts", "top_k", "decode_max_tokens")
     @classmethod
     def _positive(cls, v: int, info: Any) -> int:
         if v <= 0:
-            raise ValueError(f"{info.field_name} is {v}: it must be a positive integer")
+            raise ValueError(f"{info.field_name} is {v}: it must be a positive integer; use a value >= 1")
         return v
 
     @field_validator("num_experts")
     @classmethod
     def _experts(cls, v: int) -> int:
         if v > MAX_EXPERTS:
-            raise ValueError(f"num_experts is {v}: at most {MAX_EXPERTS} experts are supported")
+            raise ValueError(
+                f"num_experts is {v}: at most {MAX_EXPERTS} experts are supported; "
+                f"use a value between 1 and {MAX_EXPERTS}"
+            )
         return v
 
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, v: int) -> int:
         if v > MAX_TOP_K:
-            raise ValueError(f"top_k is {v}: at most {MAX_TOP_K} experts per token are supported")
+            raise ValueError(
+                f"top_k is {v}: at most {MAX_TOP_K} experts per token are supported; "
+                f"use a value between 1 and {MAX_TOP_K}"
+            )
         return v
 
     @field_validator("target_archs")
@@ -174,7 +210,9 @@ class MoeSpec(BaseModel):
         if not v:
             raise ValueError("target_archs is empty: list at least one, e.g. [sm_90]")
         if len(set(v)) != len(v):
-            raise ValueError("target_archs repeats an arch: list each once")
+            names = [a.value for a in v]
+            once = sorted(set(names))
+            raise ValueError(f"target_archs {names} repeats an arch: list each once, e.g. [{', '.join(once)}]")
         return v
 
     @model_validator(mode="after")
@@ -182,7 +220,7 @@ class MoeSpec(BaseModel):
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k ({self.top_k}) is larger than num_experts ({self.num_experts}): "
-                "a token cannot use more experts than the layer has"
+                "a token cannot use more experts than the layer has; lower top_k or raise num_experts"
             )
         for proj, in_name, in_dim in (
             ("gate", "hidden_size", self.hidden_size),
@@ -194,7 +232,9 @@ class MoeSpec(BaseModel):
                 raise ValueError(
                     f"quant.{proj} is {qt} but its input size {in_name}={in_dim} is not a multiple "
                     f"of {QK_K}: k-quants need whole {QK_K}-weight super-blocks (llama.cpp falls back "
-                    "to q5_0/q8_0 for such rows, which ferrum-gen does not generate)"
+                    "to q5_0/q8_0 for such rows, which ferrum-gen does not generate); "
+                    f"correct {in_name} if it is a typo (a model whose {in_name} is not a multiple of {QK_K} "
+                    "is not supported)"
                 )
         for field, n, size_name in (
             ("gate_up_tile_n", self.prefill.gate_up_tile_n, "intermediate_size"),
@@ -202,9 +242,11 @@ class MoeSpec(BaseModel):
         ):
             size = getattr(self, size_name)
             if size % n:
+                choices = [c for c in range(32, min(size, 512) + 1, 32) if size % c == 0]
                 raise ValueError(
                     f"prefill.{field} ({n}) does not divide {size_name} ({size}): "
                     f"pick a multiple of 32 that divides {size}"
+                    + (f", e.g. one of {choices}" if choices else "")
                 )
         return self
 
@@ -223,27 +265,121 @@ class MoeSpec(BaseModel):
         return f"h{self.hidden_size}_i{self.intermediate_size}_e{self.num_experts}_k{self.top_k}"
 
 
+_EXAMPLES: dict[str, str] = {
+    "name": "qwen3moe",
+    "hidden_size": "2048",
+    "intermediate_size": "768",
+    "num_experts": "128",
+    "top_k": "8",
+    "norm_topk_prob": "true",
+    "quant": "{gate: q4_k, up: q4_k, down: q6_k}",
+    "quant.gate": "q4_k",
+    "quant.up": "q4_k",
+    "quant.down": "q6_k",
+    "activation_dtype": "bf16",
+}
+"""An example line for each required key, shown when the key is missing."""
+
+_TYPE_FIXES: dict[str, str] = {
+    "int": "write a whole number, e.g. 2048",
+    "float": "write a number, e.g. 1.30",
+    "bool": "write true or false",
+    "string": "write a string (quote it if YAML reads it as something else)",
+    "dict": "write a mapping of keys to values (see docs/spec.md)",
+    "model": "write a mapping of keys to values (see docs/spec.md)",
+    "tuple": "write a list, e.g. [a, b]",
+    "list": "write a list, e.g. [a, b]",
+}
+"""The fix for a value of the wrong type, by the first word of pydantic's error type (int_parsing...)."""
+
+_LIST_EXAMPLES = {"target_archs": "[sm_90]", "prefill.block_sizes": "[16, 32, 64]"}
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The spec model that the mapping at `loc` is validated as (MoeSpec for the top level)."""
+    model: type[BaseModel] = MoeSpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _unknown_key_fix(loc: tuple[Any, ...]) -> str:
+    key = str(loc[-1])
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "remove it or fix its spelling (see docs/spec.md for the keys)"
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {close[0]!r}? "
+    else:
+        hint = ""
+        # A nested key written at the wrong level, e.g. block_sizes at the top level.
+        for parent, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel) and key in ann.model_fields:
+                hint = f"it belongs under {parent}: "
+                break
+    where = _format_loc(loc[:-1])
+    return (
+        f"{hint}remove it or fix its spelling; the keys {'of ' + where if where else 'at the top level'} "
+        f"are {', '.join(known)} (see docs/spec.md)"
+    )
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = _format_loc(e["loc"])
         msg = e["msg"]
+        etype = e["type"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key {loc!r}: remove it or fix its spelling (see docs/spec.md for the keys)"
-        elif e["type"] == "missing":
-            msg = f"missing required key {loc!r}: add it"
-        elif e["type"] == "enum":
+        if etype == "extra_forbidden":
+            msg = f"unknown key {loc!r}: {_unknown_key_fix(e['loc'])}"
+        elif etype == "missing":
+            model = _model_at(e["loc"][:-1])
+            field = model.model_fields.get(e["loc"][-1]) if model is not None else None
+            what = f" ({field.description})" if field is not None and field.description else ""
+            example = _EXAMPLES.get(loc)
+            key = str(e["loc"][-1])
+            msg = f"missing required key {loc!r}{what}: add it" + (f", e.g. `{key}: {example}`" if example else "")
+        elif etype == "enum":
             allowed = e.get("ctx", {}).get("expected", "")
             msg = f"{loc} is {e.get('input')!r}: use one of {allowed}"
-        lines.append(f"  - {loc or '<top level>'}: {msg}")
+        elif etype.split("_")[0] in _TYPE_FIXES:
+            kind = etype.split("_")[0]
+            fix = _TYPE_FIXES[kind]
+            if kind in ("tuple", "list") and loc in _LIST_EXAMPLES:
+                fix = f"write a list, e.g. {_LIST_EXAMPLES[loc]}"
+            elif kind in ("dict", "model") and loc in _EXAMPLES:
+                fix = f"write a mapping, e.g. {_EXAMPLES[loc]}"
+            msg = f"{loc} is {e.get('input')!r}, which is not valid here ({msg}): {fix}"
+        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 
 def spec_from_dict(data: Any, source: str = "<dict>") -> MoeSpec:
     if not isinstance(data, dict):
-        raise SpecError(f"invalid spec {source}: the top level must be a mapping of keys to values")
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise SpecError(
+            f"invalid spec {source}: the top level must be a mapping of keys to values "
+            f"(`name: ...`, `hidden_size: ...`, one per line), not {got}"
+        )
     try:
         return MoeSpec.model_validate(data)
     except ValidationError as err:
@@ -255,22 +391,63 @@ def resolve_spec_path(spec: str | Path) -> Path:
     p = Path(spec)
     if p.is_file():
         return p
-    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    text = str(spec)
+    if len(p.parts) > 1 or "/" in text:
+        # Looks like a path: never fall back to a shipped spec that happens to share its file name.
+        what = "is a directory, not a spec file" if p.is_dir() else "does not exist"
+        raise SpecError(
+            f"spec file {text!r} {what}: give the path of a YAML spec file or the name of a shipped "
+            "spec; shipped specs: " + ", ".join(shipped_spec_names())
+        )
+    name = p.stem + ".yaml" if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
     shipped = SPECS_DIR / name
     if shipped.is_file():
         return shipped
     raise SpecError(
-        f"spec {str(spec)!r} is neither a file nor a shipped spec; shipped specs: "
-        + ", ".join(shipped_spec_names())
+        f"spec {text!r} is neither a file nor a shipped spec: give the path of a YAML spec file "
+        "or one of the shipped specs: " + ", ".join(shipped_spec_names())
     )
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping_once(loader: _SpecLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found key {key!r} a second time (first at line {seen[key].line + 1}): "
+                "each key may appear once, remove one of them",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once)
 
 
 def load_spec(spec: str | Path) -> MoeSpec:
     path = resolve_spec_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"invalid spec {path}: not UTF-8 text ({err}): save the file as UTF-8") from None
+    except OSError as err:
+        raise SpecError(f"cannot read spec {path}: {err.strerror or err}") from None
+    try:
+        stream = io.StringIO(text)
+        stream.name = str(path)  # so that PyYAML's error marks name the file
+        data = yaml.load(stream, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise SpecError(f"invalid spec {path}: not valid YAML: {err}") from None
+        raise SpecError(f"invalid spec {path}: not valid YAML; fix it at the place marked below:\n{err}") from None
     return spec_from_dict(data, str(path))
 
 

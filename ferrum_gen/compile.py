@@ -1,0 +1,157 @@
+"""Compile generated CUDA to cubins with NVRTC (through CuPy) and cache them on disk.
+
+A cache entry is keyed by sha256 of (source, options, arch, compiler version) and
+stored as <uri>-<key>.cubin: 32 bytes of sha256(cubin) followed by the cubin, written
+to a temporary file and renamed into place, so concurrent builds of the same kernel
+never leave a torn file. An entry whose checksum does not match is deleted and rebuilt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a generated source; the message carries the compiler log."""
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise CompileError(
+            "compiling kernels needs CuPy with NVRTC (pip install 'ferrum-gen[gpu]'); "
+            "alternatively load a bundle prebuilt with `ferrum-gen build`"
+        ) from err
+    return nvrtc
+
+
+def compiler_version() -> str:
+    major, minor = _nvrtc().getVersion()
+    return f"nvrtc-{major}.{minor}"
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding cuda_fp16.h / cuda_bf16.h and what they include."""
+    candidates: list[str] = []
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    try:
+        import cupy
+
+        cuda_path = cupy.cuda.get_cuda_path()
+        if cuda_path:
+            candidates.append(os.path.join(cuda_path, "include"))
+    except Exception:  # noqa: BLE001 - any CuPy failure just means no extra candidate
+        pass
+    try:  # CUDA headers shipped as wheels (nvidia-cuda-runtime etc.)
+        import nvidia.cuda_runtime
+
+        candidates.append(os.path.join(os.path.dirname(nvidia.cuda_runtime.__file__), "include"))
+    except Exception:  # noqa: BLE001
+        pass
+    candidates.append("/usr/local/cuda/include")
+    seen: list[str] = []
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "cuda_fp16.h")) and c not in seen:
+            seen.append(c)
+    return seen
+
+
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """The options that go into a compile and into its cache key (include dirs do not: they
+    locate the same CUDA headers and differ between machines)."""
+    return (f"--gpu-architecture={arch}", "--std=c++17")
+
+
+def compile_cubin(source: str, name: str, arch: str) -> bytes:
+    nvrtc = _nvrtc()
+    options = nvrtc_options(arch) + tuple(f"--include-path={d}" for d in cuda_include_dirs())
+    prog = nvrtc.createProgram(source, f"{name}.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, options)
+        except nvrtc.NVRTCError as err:
+            log = nvrtc.getProgramLog(prog)
+            raise CompileError(f"NVRTC failed on {name} for {arch}: {err}\n{log}") from None
+        return bytes(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compile_many(sources: dict[str, str], arch: str, workers: int | None = None) -> dict[str, bytes]:
+    """uri -> cubin, compiled in parallel worker processes when there is more than one."""
+    if len(sources) <= 1 or workers == 1:
+        return {uri: compile_cubin(src, uri, arch) for uri, src in sources.items()}
+    ctx = multiprocessing.get_context("spawn")  # the workers run NVRTC only, never CUDA
+    n = min(len(sources), workers or os.cpu_count() or 1)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        futures = {uri: pool.submit(compile_cubin, src, uri, arch) for uri, src in sources.items()}
+        return {uri: f.result() for uri, f in futures.items()}
+
+
+def cache_key(source: str, arch: str, compiler: str) -> str:
+    payload = json.dumps(
+        {"source": hashlib.sha256(source.encode()).hexdigest(), "options": nvrtc_options(arch), "arch": arch,
+         "compiler": compiler},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class KernelCache:
+    root: Path
+
+    def entry(self, uri: str, key: str) -> Path:
+        return self.root / f"{uri}-{key[:40]}.cubin"
+
+    def load(self, path: Path) -> bytes | None:
+        """The cubin of an entry, or None when it is missing or corrupt (a corrupt one is removed)."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        digest, cubin = raw[:32], raw[32:]
+        if len(raw) <= 32 or hashlib.sha256(cubin).digest() != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return cubin
+
+    def store(self, path: Path, cubin: bytes) -> None:
+        write_atomic(path, hashlib.sha256(cubin).digest() + cubin)
+
+    def get_or_compile(self, sources: dict[str, str], arch: str, workers: int | None = None) -> dict[str, bytes]:
+        """uri -> cubin for every source; misses are compiled in parallel worker processes."""
+        compiler = compiler_version()
+        paths = {uri: self.entry(uri, cache_key(src, arch, compiler)) for uri, src in sources.items()}
+        cubins = {uri: self.load(path) for uri, path in paths.items()}
+        missing = [uri for uri, c in cubins.items() if c is None]
+        built = compile_many({uri: sources[uri] for uri in missing}, arch, workers)
+        for uri, cubin in built.items():
+            self.store(paths[uri], cubin)
+            cubins[uri] = cubin
+        return cubins  # type: ignore[return-value]

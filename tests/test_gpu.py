@@ -1,0 +1,404 @@
+"""GPU suite (`make gpu-test`, `pytest -m gpu`): every kernel and the whole layer against the
+float64 reference, for every shipped spec, on fresh random inputs with poisoned outputs.
+
+Skipped, with the reason shown, on machines without CuPy or without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ferrum_gen import reference
+from ferrum_gen.quant import dequantize, random_matrix_bytes
+from ferrum_gen.settings import Settings
+from ferrum_gen.spec import ActivationDtype, MoeSpec, load_spec, shipped_spec_names
+
+try:
+    import cupy as cp
+
+    _GPUS = cp.cuda.runtime.getDeviceCount()
+    _WHY = "" if _GPUS else "no CUDA GPU visible to CuPy"
+except Exception as err:  # noqa: BLE001 - any failure means: no usable GPU here
+    cp = None
+    _GPUS = 0
+    _WHY = f"CuPy/CUDA unavailable: {type(err).__name__}: {err}"
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS == 0, reason=f"GPU suite skipped: {_WHY}")]
+
+TOKEN_COUNTS = (1, 2, 7, 33, 64, 513, 4097)
+MAX_TOKENS = max(TOKEN_COUNTS)
+# ||out - ref|| / ||ref|| bounds from the design brief
+LAYER_TOL = {ActivationDtype.F32: 2e-3, ActivationDtype.F16: 2e-3, ActivationDtype.BF16: 1e-2}
+DEQUANT_TOL = 1e-5
+
+
+def rel_err(out, ref) -> float:
+    out = cp.asarray(out, dtype=cp.float64)
+    ref = cp.asarray(ref, dtype=cp.float64)
+    assert not bool(cp.isnan(out).any()), "NaN in the output: an element was not written (outputs are poisoned)"
+    return float(cp.linalg.norm(out - ref) / cp.linalg.norm(ref))
+
+
+# --- activations in the spec's dtype (bf16 travels as uint16 bits) ---------------------
+
+def to_act(a64, dtype: ActivationDtype):
+    if dtype is ActivationDtype.F32:
+        return a64.astype(cp.float32)
+    if dtype is ActivationDtype.F16:
+        return a64.astype(cp.float16)
+    bits = a64.astype(cp.float32).view(cp.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
+    return rounded.astype(cp.uint16)
+
+
+def from_act(a, dtype: ActivationDtype):
+    if dtype is ActivationDtype.BF16 or a.dtype == cp.uint16:
+        return (a.astype(cp.uint32) << 16).view(cp.float32).astype(cp.float64)
+    return a.astype(cp.float64)
+
+
+def poison(buf) -> None:
+    if buf.dtype == cp.uint16:
+        buf.fill(0x7FC0)  # bf16 NaN
+    else:
+        buf.fill(np.nan)
+
+
+# --- one spec's layer, weights and dense float64 reference, built once per spec ---------
+
+class Case:
+    def __init__(self, spec: MoeSpec, settings: Settings | None = None):
+        from ferrum_gen.bundle import KernelBundle
+        from ferrum_gen.runtime import MoeLayer
+
+        self.spec = spec
+        rng = np.random.default_rng(abs(hash(spec.name)) % 2**32)
+        E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+        q = spec.quant
+        self.raw = {
+            "gate": random_matrix_bytes(q.gate, E * I, H, rng).reshape(E, I, -1),
+            "up": random_matrix_bytes(q.up, E * I, H, rng).reshape(E, I, -1),
+            "down": random_matrix_bytes(q.down, E * H, I, rng).reshape(E, H, -1),
+        }
+        self.bundle = KernelBundle.load(spec)
+        self.settings = settings or Settings.from_env({})
+        self.layer = MoeLayer(self.bundle, self.raw["gate"], self.raw["up"], self.raw["down"], MAX_TOKENS,
+                              settings=self.settings)
+        # exact float32 weights (what gguf's dequantize gives), on the GPU to keep the reference fast
+        self.wg = dequantize(q.gate, cp.asarray(self.raw["gate"]), (E, I, H), xp=cp)
+        self.wu = dequantize(q.up, cp.asarray(self.raw["up"]), (E, I, H), xp=cp)
+        self.wd = dequantize(q.down, cp.asarray(self.raw["down"]), (E, H, I), xp=cp)
+
+    def inputs(self, T: int, rng: np.random.Generator):
+        x64 = cp.asarray(rng.standard_normal((T, self.spec.hidden_size)))
+        x = to_act(x64, self.spec.activation_dtype)
+        logits = cp.asarray((2.0 * rng.standard_normal((T, self.spec.num_experts))).astype(np.float32))
+        return x, logits
+
+    def reference(self, x, logits):
+        """float64 layer output [T,H], per-pair a [T*k,I] and y [T*k,H], ids, weights."""
+        spec = self.spec
+        ids, w = reference.route(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)
+        x64 = from_act(x, spec.activation_dtype)
+        T, k = ids.shape
+        a = cp.zeros((T * k, spec.intermediate_size))
+        y = cp.zeros((T * k, spec.hidden_size))
+        flat = ids.reshape(-1)
+        for e in np.unique(flat):
+            pairs = np.nonzero(flat == e)[0]
+            xe = x64[cp.asarray(pairs // k)]
+            g = xe @ self.wg[e].astype(cp.float64).T
+            u = xe @ self.wu[e].astype(cp.float64).T
+            a[cp.asarray(pairs)] = g / (1.0 + cp.exp(-g)) * u
+            y[cp.asarray(pairs)] = a[cp.asarray(pairs)] @ self.wd[e].astype(cp.float64).T
+        out = (cp.asarray(w).reshape(T, k, 1) * y.reshape(T, k, -1)).sum(axis=1)
+        return out, a, y, ids, w
+
+    def run(self, x, logits, path: str):
+        out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
+        poison(out)
+        for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_sorted, self.layer.ids,
+                    self.layer.weights, self.layer.sorted_ids, self.layer.pairs_by_token):
+            poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
+        self.layer.forward(x, logits, out=out, path=path)
+        cp.cuda.get_current_stream().synchronize()
+        return out
+
+
+_CASES: dict[str, Case] = {}
+
+
+@pytest.fixture(scope="module", params=shipped_spec_names())
+def case(request) -> Case:
+    name = request.param
+    if name not in _CASES:
+        _CASES.clear()  # one spec's weights on the GPU at a time
+        _CASES[name] = Case(load_spec(name))
+    return _CASES[name]
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng()  # fresh inputs every run, by design
+
+
+# --- kernels, stage by stage ----------------------------------------------------------------
+
+@pytest.mark.parametrize("T", TOKEN_COUNTS)
+def test_router_matches_reference(case: Case, T: int, rng) -> None:
+    x, logits = case.inputs(T, rng)
+    case.run(x, logits, "decode" if T * case.spec.top_k <= 65535 else "prefill")
+    _, _, _, ids, w = case.reference(x, logits)
+    k = case.spec.top_k
+    got_ids = cp.asnumpy(case.layer.ids[: T * k]).reshape(T, k)
+    got_w = cp.asnumpy(case.layer.weights[: T * k]).reshape(T, k)
+    np.testing.assert_array_equal(got_ids, ids)
+    host_ids, _ = reference.route_f32(cp.asnumpy(logits), k, case.spec.norm_topk_prob)
+    np.testing.assert_array_equal(got_ids, host_ids)
+    assert np.linalg.norm(got_w - w) / np.linalg.norm(w) <= 1e-5
+
+
+@pytest.mark.parametrize("T", TOKEN_COUNTS)
+def test_align_plan_invariants(case: Case, T: int, rng) -> None:
+    spec = case.spec
+    x, logits = case.inputs(T, rng)
+    case.run(x, logits, "prefill")
+    k, P = spec.top_k, T * spec.top_k
+    ids = cp.asnumpy(case.layer.ids[:P]).reshape(T, k)
+    num_padded, bs = (int(v) for v in cp.asnumpy(case.layer.plan))
+    counts = reference.expert_counts(ids, spec.num_experts)
+    assert bs == reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget)
+    want = reference.align(ids, spec.num_experts, bs)
+    assert num_padded == want.num_padded
+    sorted_ids = cp.asnumpy(case.layer.sorted_ids[:num_padded])
+    block_expert = cp.asnumpy(case.layer.block_expert[: num_padded // bs])
+    np.testing.assert_array_equal(block_expert, want.block_expert)
+    # the same pairs in every block (order inside a segment is free), sentinel elsewhere
+    for b in range(num_padded // bs):
+        got = np.sort(sorted_ids[b * bs:(b + 1) * bs])
+        exp = np.sort(want.sorted_ids[b * bs:(b + 1) * bs])
+        if b == 0 or block_expert[b] != block_expert[b - 1]:
+            seg_end = b * bs + (np.searchsorted(block_expert, block_expert[b], side="right") - b) * bs
+            got = np.sort(sorted_ids[b * bs:seg_end])
+            exp = np.sort(want.sorted_ids[b * bs:seg_end])
+            np.testing.assert_array_equal(got, exp)
+    pbt = cp.asnumpy(case.layer.pairs_by_token[:P])
+    np.testing.assert_array_equal(sorted_ids[pbt], np.arange(P))
+
+
+@pytest.mark.parametrize("T", TOKEN_COUNTS)
+def test_decode_kernels_match_reference(case: Case, T: int, rng) -> None:
+    if T * case.spec.top_k > 65535:
+        pytest.skip("beyond the decode grid")
+    x, logits = case.inputs(T, rng)
+    out = case.run(x, logits, "decode")
+    ref_out, ref_a, _, _, _ = case.reference(x, logits)
+    P = T * case.spec.top_k
+    # gate+up+SiLU computes in float32 from exactly dequantized weights: the dequant bound applies
+    assert rel_err(case.layer.a_decode[:P], ref_a) <= DEQUANT_TOL
+    tol = DEQUANT_TOL if case.spec.activation_dtype is ActivationDtype.F32 else LAYER_TOL[case.spec.activation_dtype]
+    assert rel_err(from_act(out, case.spec.activation_dtype), ref_out) <= tol
+
+
+@pytest.mark.parametrize("T", TOKEN_COUNTS)
+def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
+    spec = case.spec
+    x, logits = case.inputs(T, rng)
+    out = case.run(x, logits, "prefill")
+    ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
+    tol = LAYER_TOL[spec.activation_dtype]
+    P = T * spec.top_k
+    pbt = case.layer.pairs_by_token[:P]
+    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    assert rel_err(from_act(case.layer.a_sorted[pbt], mma), ref_a) <= tol
+    assert rel_err(from_act(case.layer.y_sorted[pbt], spec.activation_dtype), ref_y) <= tol
+    assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol
+
+
+# --- the whole layer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", TOKEN_COUNTS)
+def test_decode_and_prefill_agree(case: Case, T: int, rng) -> None:
+    if T * case.spec.top_k > 65535:
+        pytest.skip("beyond the decode grid")
+    x, logits = case.inputs(T, rng)
+    dtype = case.spec.activation_dtype
+    dec = from_act(case.run(x, logits, "decode"), dtype)
+    pre = from_act(case.run(x, logits, "prefill"), dtype)
+    assert rel_err(pre, dec) <= LAYER_TOL[dtype]
+
+
+@pytest.mark.parametrize("T", (1, 33, 513))
+def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
+    from ferrum_gen.runtime import MoeLayer
+
+    x, logits = case.inputs(T, rng)
+    dtype = case.spec.activation_dtype
+    path = "decode" if T <= case.spec.decode_max_tokens else "prefill"
+    device_out = from_act(case.run(x, logits, path), dtype)
+    device_ids = cp.asnumpy(case.layer.ids[: T * case.spec.top_k])
+    host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 1024,
+                    settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
+    host_out = from_act(host.forward(x, logits, path=path), dtype)
+    np.testing.assert_array_equal(cp.asnumpy(host.ids[: T * case.spec.top_k]), device_ids)
+    assert rel_err(host_out, device_out) <= LAYER_TOL[dtype]
+
+
+def test_decode_path_is_graph_capturable(case: Case, rng) -> None:
+    spec = case.spec
+    T = min(spec.decode_max_tokens, 4)
+    x, logits = case.inputs(T, rng)
+    out = cp.empty((T, spec.hidden_size), dtype=x.dtype)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        case.layer.forward(x, logits, out=out)  # warm up outside the capture
+        stream.begin_capture()
+        case.layer.forward(x, logits, out=out)
+        graph = stream.end_capture()
+    for _ in range(2):  # replay on fresh inputs written into the captured buffers
+        x2, logits2 = case.inputs(T, rng)
+        x[...] = x2
+        logits[...] = logits2
+        poison(out)
+        graph.launch(stream)
+        stream.synchronize()
+        ref_out = case.reference(x, logits)[0]
+        assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= LAYER_TOL[spec.activation_dtype]
+
+
+def test_torch_tensors_in_and_out(case: Case, rng) -> None:
+    torch = pytest.importorskip("torch")
+    spec = case.spec
+    T = 7
+    x, logits = case.inputs(T, rng)
+    if spec.activation_dtype is ActivationDtype.BF16:
+        xt = torch.from_dlpack(x.view(cp.int16)).view(torch.bfloat16)
+    else:
+        xt = torch.from_dlpack(x)
+    lt = torch.from_dlpack(logits)
+    out = case.layer.forward(xt, lt)
+    assert isinstance(out, torch.Tensor) and out.dtype == xt.dtype and out.device == xt.device
+    torch.cuda.synchronize()
+    got = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    got_c = cp.from_dlpack(got)
+    ref_out = case.reference(x, logits)[0]
+    assert rel_err(from_act(got_c.view(cp.uint16) if spec.activation_dtype is ActivationDtype.BF16 else got_c,
+                            spec.activation_dtype), ref_out) <= LAYER_TOL[spec.activation_dtype]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors(case: Case, rng) -> None:
+    spec = case.spec
+    layer = case.layer
+    x, logits = case.inputs(4, rng)
+    with pytest.raises(ValueError, match=r"x has shape"):
+        layer.forward(x[:, :-256], logits)
+    with pytest.raises(ValueError, match=r"router_logits has shape"):
+        layer.forward(x, logits[:3])
+    with pytest.raises(TypeError, match=r"dtype"):
+        layer.forward(x.astype(cp.float64), logits)
+    with pytest.raises(TypeError, match=r"host memory"):
+        layer.forward(cp.asnumpy(x), logits)
+    with pytest.raises(ValueError, match=r"not C-contiguous"):
+        layer.forward(cp.concatenate([x, x], axis=1)[:, ::2], logits)
+    big_x, big_logits = case.inputs(MAX_TOKENS + 1, rng)
+    with pytest.raises(ValueError, match=r"max_tokens"):
+        layer.forward(big_x, big_logits)
+    with pytest.raises(ValueError, match=r"path="):
+        layer.forward(x, logits, path="fast")
+    empty = layer.forward(x[:0], logits[:0])
+    assert empty.shape == (0, spec.hidden_size)
+
+
+@pytest.mark.parametrize("path", ("decode", "prefill"))
+def test_non_finite_logits_give_nan_rows_for_those_tokens_only(case: Case, path: str, rng) -> None:
+    spec = case.spec
+    T = 5
+    x, logits = case.inputs(T, rng)
+    logits[1, 3] = np.nan
+    logits[3, :] = -np.inf
+    out = from_act(case.run(x, logits, path), spec.activation_dtype)
+    bad = cp.asnumpy(cp.isnan(out).all(axis=1))
+    np.testing.assert_array_equal(bad, [False, True, False, True, False])
+    assert not bool(cp.isnan(out[cp.asarray([0, 2, 4])]).any())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        case.layer.forward(x, logits, check_finite=True)
+
+
+def test_profile_table_lists_each_phase(case: Case, rng) -> None:
+    from ferrum_gen.runtime import MoeLayer
+
+    layer = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 256,
+                     settings=Settings.from_env({"FERRUM_MOE_PROFILE": "1"}))
+    for T in (1, 100):
+        x, logits = case.inputs(T, rng)
+        layer.forward(x, logits)
+    table = layer.profile_table()
+    for phase in ("decode/route", "decode/gate_up_silu", "decode/down_combine", "prefill/align",
+                  "prefill/gate_up_silu", "prefill/down", "prefill/combine", "prefill/total"):
+        assert phase in table
+
+
+# --- compile cache and prebuilt bundles (tiny spec only: they test mechanisms) --------------------
+
+def test_cache_rebuilds_a_corrupt_entry(tmp_path, monkeypatch) -> None:
+    from ferrum_gen import compile as fcompile
+    from ferrum_gen.bundle import device_arch
+    from ferrum_gen.render import render_spec
+
+    spec = load_spec("tiny")
+    arch = device_arch()
+    cache = fcompile.KernelCache(tmp_path)
+    sources = {r.kernel.uri: r.source for r in render_spec(spec)[:2]}
+    first = cache.get_or_compile(sources, arch, workers=1)
+    entries = sorted(tmp_path.glob("*.cubin"))
+    assert len(entries) == 2
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated: checksum fails
+    calls = []
+    real = fcompile.compile_cubin
+    monkeypatch.setattr(fcompile, "compile_cubin", lambda *a: calls.append(a[1]) or real(*a))
+    again = cache.get_or_compile(sources, arch, workers=1)
+    assert again == first and len(calls) == 1
+
+
+def test_prebuilt_bundle_loads_without_compiler_and_refuses_mismatches(tmp_path, monkeypatch) -> None:
+    from ferrum_gen import bundle as fbundle
+    from ferrum_gen import compile as fcompile
+
+    spec = load_spec("tiny")
+    arch = fbundle.device_arch()
+    target = fbundle.build_bundle(spec, tmp_path, arch)
+    assert (target / fbundle.BUILD_INFO).is_file()
+
+    def no_compiler(*_a, **_k):
+        raise AssertionError("a prebuilt bundle must load with no compiler")
+
+    monkeypatch.setattr(fcompile, "compile_cubin", no_compiler)
+    monkeypatch.setattr(fcompile, "compile_many", no_compiler)
+    loaded = fbundle.KernelBundle.load(spec, bundle_dir=tmp_path / spec.name)
+    assert set(loaded.kernels) == {e["uri"] for e in loaded.manifest["kernels"]}
+
+    other = spec.model_copy(update={"top_k": 3})
+    with pytest.raises(fbundle.BundleError, match="spec"):
+        fbundle.KernelBundle.load(other, bundle_dir=tmp_path / spec.name)
+    info_path = target / fbundle.BUILD_INFO
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "generator_version": "0.0.0"}))
+    with pytest.raises(fbundle.BundleError, match="ferrum-gen 0.0.0"):
+        fbundle.KernelBundle.load(spec, bundle_dir=tmp_path / spec.name)
+    info_path.write_text(json.dumps({**info, "arch": "sm_80"}))
+    with pytest.raises(fbundle.BundleError, match="built for sm_80"):
+        fbundle.KernelBundle.load(spec, bundle_dir=tmp_path / spec.name)
+
+
+def test_every_kernel_of_the_bundle_is_exercised(case: Case) -> None:
+    """The suite above launches each generated kernel; this guards against a new family slipping by."""
+    families = {e["family"] for e in case.bundle.manifest["kernels"]}
+    assert families == {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
+                        "gemm_down", "combine"}
+    assert math.prod([1]) == 1
