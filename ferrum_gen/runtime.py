@@ -23,6 +23,7 @@ hold NaN or +inf (or are all -inf) gets a NaN output row; other tokens are unaff
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,7 +327,9 @@ class MoeLayer:
         if torch_io:
             import torch
 
-            return cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, self.device_id)
+            with warnings.catch_warnings():  # the replacement, Stream.from_external, is newer than CuPy 13
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, self.device_id)
         return cp.cuda.get_current_stream()
 
     def _output(self, out: Any, T: int, x: Any, torch_io: bool) -> tuple[Any, Any]:
