@@ -88,15 +88,17 @@ def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = 
 def random_blocks(qt: QuantType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """Random but valid blocks: arbitrary quant bits, finite positive f16 scale fields.
 
-    The scale fields are sized so that weights land around 1e-2..1e-1, like real layers.
+    The scale fields are sized so that weights land around 1e-2 (a few 1e-1 at most), like
+    real layers: Q4_K's d and dmin sit near 1e-4, Q6_K's d near 2e-5, which is below f16's
+    normal range, as it often is in real files, so subnormal scales are exercised too.
     """
     nbytes = BLOCK_BYTES[qt]
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
     if qt is QuantType.Q4_K:
-        raw[:, 0:2] = rng.uniform(2e-4, 1e-3, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        raw[:, 2:4] = rng.uniform(0.0, 5e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, 0:2] = rng.uniform(5e-5, 1.5e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, 2:4] = rng.uniform(0.0, 1e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     else:
-        raw[:, 208:210] = rng.uniform(5e-5, 2e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, 208:210] = rng.uniform(1e-5, 4e-5, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw
 
 
