@@ -8,7 +8,7 @@ OUT    ?= generated
 # The GPU suite runs under an interpreter that has CuPy (on the GPU machines: the system python3).
 GPU_PYTHON ?= python3
 
-.PHONY: venv generate generate-all test gpu-test clean
+.PHONY: venv generate generate-all test gpu-test gpu-memcheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 gpu-test:
 	$(GPU_PYTHON) -m pytest -m gpu tests $(PYTEST_ARGS)
+
+# compute-sanitizer memcheck over the GPU suite for the tiny and qwen3moe specs.
+gpu-memcheck:
+	FERRUM_TEST_NO_MEMPOOL=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
+	  $(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py -k "tiny or (qwen3moe and not qwen3moe_235b)" \
+	  -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
