@@ -250,6 +250,15 @@ class MoeSpec(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _fits_target_archs(self) -> "MoeSpec":
+        # The kernel families know each tile's shared-memory need; asking them here makes a
+        # tile that no target arch can hold a spec error, not a failure at generate time.
+        from .enumerate import enumerate_kernels
+
+        enumerate_kernels(self)
+        return self
+
     # --- derived values -------------------------------------------------
 
     def spec_hash(self) -> str:

@@ -290,6 +290,43 @@ def test_torch_tensors_in_and_out(case: Case, rng) -> None:
                             spec.activation_dtype), ref_out) <= LAYER_TOL[spec.activation_dtype]
 
 
+def test_torch_output_buffer_is_written_in_place(case: Case, rng) -> None:
+    torch = pytest.importorskip("torch")
+    spec = case.spec
+    x, logits = case.inputs(3, rng)
+    tdtype = {ActivationDtype.F32: torch.float32, ActivationDtype.F16: torch.float16,
+              ActivationDtype.BF16: torch.bfloat16}[spec.activation_dtype]
+    xt = torch.from_dlpack(x.view(cp.int16)).view(torch.bfloat16) if tdtype is torch.bfloat16 else torch.from_dlpack(x)
+    out = torch.full((3, spec.hidden_size), float("nan"), dtype=tdtype, device=xt.device)
+    got = case.layer.forward(xt, torch.from_dlpack(logits), out=out)
+    torch.cuda.synchronize()
+    assert got is out and not bool(torch.isnan(out).any())
+
+
+def test_layer_from_a_gguf_file_matches_the_layer_from_raw_stacks(tmp_path, rng) -> None:
+    from ferrum_gen.bundle import KernelBundle
+    from ferrum_gen.runtime import MoeLayer
+    from ferrum_gen.testing import write_moe_gguf
+
+    spec = load_spec("tiny")
+    q = spec.quant
+    path = tmp_path / "tiny.gguf"
+    written = write_moe_gguf(path, arch="qwen3moe", hidden_size=spec.hidden_size,
+                             intermediate_size=spec.intermediate_size, num_experts=spec.num_experts,
+                             top_k=spec.top_k, quant_by_layer=[(q.gate, q.up, q.down), (q.gate, q.up, q.down)],
+                             rng=rng)
+    bundle = KernelBundle.load(spec)
+    from_file = MoeLayer.from_gguf(bundle, path, layer=1, max_tokens=64)
+    raw = written[1]
+    from_raw = MoeLayer(bundle, raw["gate"], raw["up"], raw["down"], max_tokens=64)
+    x = cp.asarray(rng.standard_normal((9, spec.hidden_size)).astype(np.float32))
+    logits = cp.asarray(rng.standard_normal((9, spec.num_experts)).astype(np.float32))
+    for path_name in ("decode", "prefill"):
+        a = from_file.forward(x, logits, path=path_name)
+        b = from_raw.forward(x, logits, path=path_name)
+        np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_bad_inputs_raise_clear_errors(case: Case, rng) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..spec import ActivationDtype, Arch, MoeSpec, QuantType, SpecError
+from ..spec import ActivationDtype, Arch, MoeSpec, QuantType
 
 THREADS_PER_WARP = 32
 
@@ -89,7 +89,7 @@ def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages) -> tuple[dict
             per_arch[arch.value] = smem_for_stages(1)
             single.append(ARCH_NUMBER[arch])
         else:
-            raise SpecError(
+            raise ValueError(
                 f"spec {spec.name}: a prefill tile needs {smem_for_stages(1)} bytes of shared memory, more than "
                 f"{arch.value} allows ({limit}); lower {field_hint} or drop {arch.value} from target_archs"
             )
