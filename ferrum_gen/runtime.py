@@ -22,6 +22,7 @@ hold NaN or +inf (or are all -inf) gets a NaN output row; other tokens are unaff
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -58,6 +59,13 @@ class DeviceProjection:
         cp = _cupy()
         packed, d = to_gpu_layout(quant, stack)
         return cls(quant, cp.asarray(packed.reshape(-1)), cp.asarray(d.reshape(-1)) if d is not None else placeholder)
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_bits_to_f32():
+    # bf16 bits are the top half of the float32 of the same value
+    return _cupy().ElementwiseKernel("uint16 x", "float32 y", "y = __uint_as_float(((unsigned int)x) << 16)",
+                                     "ferrum_bf16_bits_to_f32")
 
 
 class _Inputs:
@@ -140,8 +148,10 @@ class MoeLayer:
         dev = cp.cuda.Device(self.device_id)
         self._sm_count = dev.attributes["MultiProcessorCount"]
         self._smem_per_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
+        self._resident: dict[str, int] = {}
         for kern in list(self.k_gemm_gate_up.values()) + list(self.k_gemm_down.values()):
             self._set_smem(kern)
+            self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
 
         P = max_tokens * k
         max_bs = max(spec.prefill.block_sizes)
@@ -184,6 +194,12 @@ class MoeLayer:
         except Exception:  # noqa: BLE001 - older CuPy: estimate from shared memory alone
             per_sm = max(1, min(8, self._smem_per_sm // max(smem + 1024, 1)))
         return max(1, per_sm) * self._sm_count
+
+    def _persistent_grid(self, kern: Kernel, num_pairs: int) -> tuple[int, int]:
+        """(CTAs, dynamic shared memory) for a GEMM: no more CTAs than the largest plan has tiles."""
+        bs = kern.launch["block_size"]
+        tiles = math.ceil((num_pairs + self.spec.num_experts * (bs - 1)) / bs) * kern.launch["n_tiles"]
+        return min(tiles, self._resident[kern.uri]), kern.launch["smem_bytes"][self.bundle.arch]
 
     @staticmethod
     def _launch(kern: Kernel, grid: tuple[int, ...], args: tuple, stream: Any, smem: int = 0) -> None:
@@ -277,18 +293,14 @@ class MoeLayer:
         sizes = [override] if override else list(spec.prefill.block_sizes)
         for bs in sizes:
             kern = self.k_gemm_gate_up[bs]
-            smem = kern.launch["smem_bytes"][self.bundle.arch]
-            tiles = math.ceil((P + spec.num_experts * (bs - 1)) / bs) * kern.launch["n_tiles"]
-            grid = min(tiles, self._resident_ctas(kern, smem))
+            grid, smem = self._persistent_grid(kern, P)
             self._launch(kern, (grid,), (x_in, self.sorted_ids, self.block_expert, self.plan, np.int32(P),
                                          self.gate.data, self.gate.d, self.up.data, self.up.d, self.a_sorted),
                          stream, smem)
         self._phase("gate_up_silu", stream, events)
         for bs in sizes:
             kern = self.k_gemm_down[bs]
-            smem = kern.launch["smem_bytes"][self.bundle.arch]
-            tiles = math.ceil((P + spec.num_experts * (bs - 1)) / bs) * kern.launch["n_tiles"]
-            grid = min(tiles, self._resident_ctas(kern, smem))
+            grid, smem = self._persistent_grid(kern, P)
             self._launch(kern, (grid,), (self.a_sorted, self.block_expert, self.plan, self.down.data, self.down.d,
                                          self.y_sorted), stream, smem)
         self._phase("down", stream, events)
@@ -314,8 +326,7 @@ class MoeLayer:
         dst = self.logits32[:T]
         torch_bf16 = type(original).__module__.startswith("torch") and str(original.dtype) == "torch.bfloat16"
         if torch_bf16 or lc.dtype in (cp.uint16, cp.int16):
-            # bf16 bits are the top half of the float32 with the same value
-            cp.left_shift(lc.view(cp.uint16), 16, out=dst.view(cp.uint32), casting="unsafe")
+            _bf16_bits_to_f32()(lc.view(cp.uint16), dst)
         elif lc.dtype == cp.float16 or lc.dtype == cp.float64:
             cp.copyto(dst, lc, casting="same_kind")
         else:

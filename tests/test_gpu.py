@@ -327,6 +327,23 @@ def test_layer_from_a_gguf_file_matches_the_layer_from_raw_stacks(tmp_path, rng)
         np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
 
 
+@pytest.mark.parametrize("logits_dtype", ("f16", "bf16"))
+def test_half_precision_logits_route_like_their_float32_values(case: Case, logits_dtype: str, rng) -> None:
+    x, logits = case.inputs(9, rng)
+    if logits_dtype == "f16":
+        low = logits.astype(cp.float16)
+        exact = low.astype(cp.float32)
+    else:
+        low = to_act(logits.astype(cp.float64), ActivationDtype.BF16)
+        exact = from_act(low, ActivationDtype.BF16).astype(cp.float32)
+    k = case.spec.top_k
+    case.layer.forward(x, exact)
+    want_ids, want_w = cp.asnumpy(case.layer.ids[: 9 * k]), cp.asnumpy(case.layer.weights[: 9 * k])
+    case.layer.forward(x, low)
+    np.testing.assert_array_equal(cp.asnumpy(case.layer.ids[: 9 * k]), want_ids)
+    np.testing.assert_array_equal(cp.asnumpy(case.layer.weights[: 9 * k]), want_w)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_bad_inputs_raise_clear_errors(case: Case, rng) -> None:
