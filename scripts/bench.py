@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import yaml
 
 ROTATIONS = 8
 REPLAYS = 15
@@ -45,14 +46,28 @@ def main() -> None:
     from ferrum_gen.quant import random_matrix_bytes, row_bytes
     from ferrum_gen.runtime import MoeLayer
     from ferrum_gen.settings import Settings
-    from ferrum_gen.spec import ActivationDtype, load_spec
+    from ferrum_gen.spec import ActivationDtype, load_spec, spec_from_dict
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", default="qwen3moe")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    parser.add_argument("--paths", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec key for a tuning experiment, e.g. prefill.gate_up_tile_n=64")
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
+    if args.set:
+        data = spec.model_dump(mode="json")
+        for item in args.set:
+            key, value = item.split("=", 1)
+            *parents, leaf = key.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            node[leaf] = yaml.safe_load(value)
+        spec = spec_from_dict(data, "--set " + " ".join(args.set))
+        print("spec overrides:", ", ".join(args.set))
     E, H, I, k = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.top_k
     q = spec.quant
     rng = np.random.default_rng(0)
@@ -83,7 +98,7 @@ def main() -> None:
         flops_us = 2 * 3 * T * k * H * I / MATMUL_FLOPS * 1e6
         floor_us = max(bytes_us, flops_us)
         out = cp.empty((T, H), dtype=act)
-        for path in ("decode", "prefill"):
+        for path in args.paths:
             if path == "decode" and T * k > 65535:
                 continue
             with stream:
