@@ -4,7 +4,8 @@
 
 Each measurement replays a CUDA graph of ROTATIONS forward calls, each on its own inputs
 (so that different experts are read and the weights do not sit in L2), and reports the
-median per call over several replays (CUDA events). The floor is the bytes of the
+median per call over several replays (CUDA events); the min column is the best of three
+such medians. The floor is the bytes of the
 experts each call must read, over the device-to-device copy bandwidth measured here,
 or the FLOPs over MATMUL_FLOPS, whichever is larger.
 """
@@ -39,6 +40,54 @@ def copy_bandwidth(cp) -> float:
     return 2 * n / float(np.median(times))
 
 
+def graph_time_us(cp, stream, calls, per: int) -> float:
+    """Median time of one replay of the captured `calls`, divided by `per`."""
+    with stream:
+        calls()
+        stream.begin_capture()
+        calls()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        times = []
+        for _ in range(REPLAYS):
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / per)
+    return float(np.median(times))
+
+
+def decode_split(cp, layer, sets, out, stream) -> list[tuple[str, float]]:
+    """Decode time with the launches cut after each stage: the differences are the stages' shares."""
+    import math
+
+    spec = layer.spec
+    k_r, k_g, k_d = layer.k_router, layer.k_gemv_gate_up, layer.k_gemv_down
+
+    def run(upto: int):
+        def calls():
+            for x, logits in sets:
+                T = x.shape[0]
+                P = T * spec.top_k
+                layer._launch(k_r, (math.ceil(T / k_r.launch["tokens_per_cta"]),),
+                              (logits, layer.ids, layer.weights, np.int32(T)), stream)
+                if upto >= 2:
+                    layer._launch(k_g, (math.ceil(spec.intermediate_size / k_g.launch["rows_per_cta"]), P),
+                                  (x, layer.ids, layer.gate.data, layer.gate.d, layer.up.data, layer.up.d,
+                                   layer.a_decode), stream)
+                if upto >= 3:
+                    layer._launch(k_d, (math.ceil(spec.hidden_size / k_d.launch["rows_per_cta"]), T),
+                                  (layer.a_decode, layer.ids, layer.weights, layer.down.data, layer.down.d, out),
+                                  stream)
+        return calls
+
+    cumulative = [graph_time_us(cp, stream, run(n), len(sets)) for n in (1, 2, 3)]
+    return [("router", cumulative[0]), ("gate_up_silu", cumulative[1] - cumulative[0]),
+            ("down_combine", cumulative[2] - cumulative[1]), ("total", cumulative[2])]
+
+
 def main() -> None:
     import cupy as cp
 
@@ -51,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", default="qwen3moe")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    parser.add_argument("--decode-split", action="store_true",
+                        help="also time the decode path cut after each kernel (router, gate+up, down)")
     parser.add_argument("--paths", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec key for a tuning experiment, e.g. prefill.gate_up_tile_n=64")
@@ -85,12 +136,13 @@ def main() -> None:
         spec.activation_dtype]
     print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
+    splits = []
     stream = cp.cuda.Stream(non_blocking=True)
     for T in args.tokens:
         sets = []
         for _ in range(ROTATIONS):
             x = cp.asarray(rng.standard_normal((T, H)).astype(np.float32))
-            x = x.astype(cp.float16).view(cp.uint16) if act is cp.uint16 else x.astype(act)
+            x = (x.view(cp.uint32) >> 16).astype(cp.uint16) if act is cp.uint16 else x.astype(act)  # bf16: truncate
             logits = cp.asarray(rng.standard_normal((T, E)).astype(np.float32))
             sets.append((x, logits))
         distinct = [len(np.unique(cp.asnumpy(cp.argsort(-l, axis=1)[:, :k]))) for _, l in sets]
@@ -101,27 +153,20 @@ def main() -> None:
         for path in args.paths:
             if path == "decode" and T * k > 65535:
                 continue
-            with stream:
-                for x, l in sets:
-                    layer.forward(x, l, out=out, path=path)
-                stream.begin_capture()
-                for x, l in sets:
-                    layer.forward(x, l, out=out, path=path)
-                graph = stream.end_capture()
-                graph.launch(stream)
-                times = []
-                for _ in range(REPLAYS):
-                    start, stop = cp.cuda.Event(), cp.cuda.Event()
-                    start.record(stream)
-                    graph.launch(stream)
-                    stop.record(stream)
-                    stop.synchronize()
-                    times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / ROTATIONS)
+            times = [graph_time_us(cp, stream, lambda: [layer.forward(x, l, out=out, path=path) for x, l in sets],
+                                   ROTATIONS) for _ in range(3)]
             med = float(np.median(times))
             rows.append((T, path, med, float(np.min(times)), floor_us, med / floor_us))
+        if args.decode_split and T * k <= 65535:
+            for name, us in decode_split(cp, layer, sets, out, stream):
+                splits.append((T, name, us))
     print(f"{'T':>6} {'path':<8} {'median us':>10} {'min us':>8} {'floor us':>9} {'x floor':>8}")
     for T, path, med, mn, floor, ratio in rows:
         print(f"{T:>6} {path:<8} {med:>10.1f} {mn:>8.1f} {floor:>9.1f} {ratio:>8.2f}")
+    if splits:
+        print(f"{'T':>6} {'decode stage':<14} {'us':>8}")
+        for T, name, us in splits:
+            print(f"{T:>6} {name:<14} {us:>8.1f}")
 
 
 if __name__ == "__main__":
