@@ -8,8 +8,8 @@ from ..spec import MoeSpec
 from .base import ACT_CTYPE, QUANT_STRUCT, Arg, KernelSpec, chunks_per_row, lanes_per_row
 
 WARPS = 4
-MAX_LOADS_IN_FLIGHT = 16
-"""Chunks a lane may hold at once: the expert loop is unrolled only while it stays under this."""
+MAX_CHUNKS_IN_FLIGHT = 16
+"""Chunks a lane may hold in registers at once: experts are loaded together up to this many chunks."""
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
@@ -32,7 +32,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "LPR": lpr,
                 "WARPS": WARPS,
                 "ROWS_PER_CTA": rows_per_cta,
-                "EXPERT_UNROLL": spec.top_k if iters * spec.top_k <= MAX_LOADS_IN_FLIGHT else 1,
+                "EXPERTS_IN_FLIGHT": max(1, min(spec.top_k, MAX_CHUNKS_IN_FLIGHT // iters)),
                 "ACT_T": ACT_CTYPE[dtype],
                 "DOWN_Q": QUANT_STRUCT[qd],
             },
