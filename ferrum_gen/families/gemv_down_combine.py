@@ -7,8 +7,7 @@ import math
 from ..spec import MoeSpec
 from .base import ACT_CTYPE, QUANT_STRUCT, Arg, KernelSpec, chunks_per_row, lanes_per_row
 
-WARPS = 8
-STATIC_SMEM_LIMIT = 48 * 1024
+WARPS = 4
 MAX_CHUNKS_IN_FLIGHT = 16
 """Chunks a lane may hold in registers at once: experts are loaded together up to this many chunks."""
 
@@ -19,7 +18,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
     lpr = lanes_per_row(cpr)
     rows_per_cta = WARPS * (32 // lpr)
     iters = math.ceil(cpr / lpr)
-    staged_bytes = spec.top_k * spec.intermediate_size * 4 * 17 // 16  # a and its sums per 16, fp32
     dtype = spec.activation_dtype
     uri = f"gemv_down_combine_{qd.value}_{spec.shape_tag}_{dtype.value}"
     return [
@@ -35,7 +33,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "WARPS": WARPS,
                 "ROWS_PER_CTA": rows_per_cta,
                 "EXPERTS_IN_FLIGHT": max(1, min(spec.top_k, MAX_CHUNKS_IN_FLIGHT // iters)),
-                "STAGE_A": "true" if staged_bytes <= STATIC_SMEM_LIMIT else "false",
                 "ACT_T": ACT_CTYPE[dtype],
                 "DOWN_Q": QUANT_STRUCT[qd],
             },
@@ -48,7 +45,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("out", f"{ACT_CTYPE[dtype]}*"),
             ),
             launch={"threads": WARPS * 32, "grid": "(ceil(H / rows_per_cta), num_tokens)",
-                    "rows_per_cta": rows_per_cta, "lanes_per_row": lpr, "smem_bytes": 0,
-                    "static_smem_bytes": staged_bytes if staged_bytes <= STATIC_SMEM_LIMIT else 0},
+                    "rows_per_cta": rows_per_cta, "lanes_per_row": lpr, "smem_bytes": 0},
         )
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..spec import MoeSpec
 from .base import ACT_CTYPE, QUANT_STRUCT, Arg, KernelSpec, chunks_per_row, lanes_per_row, quant_tag
 
-WARPS = 8
+WARPS = 4
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
