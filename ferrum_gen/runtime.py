@@ -241,11 +241,11 @@ class MoeLayer:
             return out_user
         capturing = stream.is_capturing() if hasattr(stream, "is_capturing") else False
         events: list | None = [] if (self.settings.profile and not capturing) else None
-        with stream:
+        with cp.cuda.Device(self.device_id), stream:
             self._phase("start", stream, events)
             logits = self._logits_f32(lc, router_logits, T)
-            if check_finite and not bool(cp.isfinite(logits).all(axis=1).all()):
-                raise ValueError("router_logits hold NaN or inf")
+            if check_finite:
+                self._raise_on_non_finite(logits)
             host = self.settings.host_route
             if host:
                 self._route_on_host(logits, T, plan=not use_decode)
@@ -332,6 +332,16 @@ class MoeLayer:
         else:
             raise TypeError(f"router_logits has dtype {lc.dtype}: use float32, float16 or bfloat16")
         return dst
+
+    @staticmethod
+    def _raise_on_non_finite(logits: Any) -> None:
+        """The tokens that would get a NaN row: NaN or +inf in their logits, or all -inf."""
+        cp = _cupy()
+        bad = cp.isnan(logits).any(axis=1) | cp.isposinf(logits).any(axis=1) | cp.isneginf(logits).all(axis=1)
+        if bool(bad.any()):
+            tokens = cp.asnumpy(cp.nonzero(bad)[0])
+            shown = ", ".join(map(str, tokens[:8])) + (", ..." if len(tokens) > 8 else "")
+            raise ValueError(f"router_logits hold NaN or inf (or are all -inf) for {len(tokens)} token(s): {shown}")
 
     def _stream_for(self, x: Any, torch_io: bool) -> Any:
         cp = _cupy()
