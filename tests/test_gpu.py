@@ -7,7 +7,6 @@ Skipped, with the reason shown, on machines without CuPy or without a GPU.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -455,9 +454,8 @@ def test_prebuilt_bundle_loads_without_compiler_and_refuses_mismatches(tmp_path,
         fbundle.KernelBundle.load(spec, bundle_dir=tmp_path / spec.name)
 
 
-def test_every_kernel_of_the_bundle_is_exercised(case: Case) -> None:
-    """The suite above launches each generated kernel; this guards against a new family slipping by."""
+def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> None:
+    """The tests above launch every family listed here; a new family must get tests of its own."""
     families = {e["family"] for e in case.bundle.manifest["kernels"]}
     assert families == {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
                         "gemm_down", "combine"}
-    assert math.prod([1]) == 1
