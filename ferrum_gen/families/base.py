@@ -77,6 +77,16 @@ def chunks_per_row(qt: QuantType, in_dim: int) -> int:
     return in_dim // 256 * CHUNKS_PER_BLOCK[qt]
 
 
+GEMM_ROW_ELEMS = 256 + 8
+"""One k-step of a prefill GEMM's shared-memory row (16-bit elements), padded as in gemm_common."""
+
+
+def gemm_smem_bytes(block_size: int, stages: int, quant_bytes_per_kstep: int, dequant_rows: int) -> int:
+    """Dynamic shared memory of a prefill GEMM: activation and quantized-weight stages, one dequantized tile."""
+    activations = stages * block_size * GEMM_ROW_ELEMS * 2
+    return activations + stages * quant_bytes_per_kstep + dequant_rows * GEMM_ROW_ELEMS * 2
+
+
 def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages) -> tuple[dict[str, int], list[int]]:
     """Dynamic shared memory per target arch, and the archs that need the one-stage pipeline."""
     per_arch: dict[str, int] = {}

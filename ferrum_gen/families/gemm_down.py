@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from ..spec import MoeSpec
-from .base import ACT_CTYPE, GPU_BLOCK_BYTES, MMA_CTYPE, QUANT_STRUCT, Arg, KernelSpec, pipeline_smem
+from .base import ACT_CTYPE, GPU_BLOCK_BYTES, MMA_CTYPE, QUANT_STRUCT, Arg, KernelSpec, gemm_smem_bytes, pipeline_smem
 
 THREADS = 128
-ROW_ELEMS = 256 + 8
 
 
 def smem_bytes(spec: MoeSpec, bs: int, stages: int) -> int:
     nd = spec.prefill.down_tile_n
-    activations = stages * bs * ROW_ELEMS * 2
-    quantized = stages * nd * GPU_BLOCK_BYTES[spec.quant.down]
-    dequantized = nd * ROW_ELEMS * 2
-    return activations + quantized + dequantized
+    return gemm_smem_bytes(bs, stages, nd * GPU_BLOCK_BYTES[spec.quant.down], nd)
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from ..spec import MoeSpec
-from .base import GPU_BLOCK_BYTES, MMA_CTYPE, QUANT_STRUCT, Arg, KernelSpec, pipeline_smem, quant_tag
+from .base import GPU_BLOCK_BYTES, MMA_CTYPE, QUANT_STRUCT, Arg, KernelSpec, gemm_smem_bytes, pipeline_smem, quant_tag
 
 THREADS = 128
-ROW_ELEMS = 256 + 8  # one k-step of a shared-memory row, padded (see the template)
 
 
 def smem_bytes(spec: MoeSpec, bs: int, stages: int) -> int:
     ni = spec.prefill.gate_up_tile_n
     q = spec.quant
-    activations = stages * bs * ROW_ELEMS * 2
-    quantized = stages * ni * (GPU_BLOCK_BYTES[q.gate] + GPU_BLOCK_BYTES[q.up])
-    dequantized = 2 * ni * ROW_ELEMS * 2
-    return activations + quantized + dequantized
+    return gemm_smem_bytes(bs, stages, ni * (GPU_BLOCK_BYTES[q.gate] + GPU_BLOCK_BYTES[q.up]), 2 * ni)
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
