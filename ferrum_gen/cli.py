@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .spec import SpecError, load_spec, shipped_spec_names, spec_to_yaml
+from .spec import load_spec, shipped_spec_names, spec_to_yaml
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Exit 1 when a bundle on disk differs from what the generator renders now."""
-    from .render import bundle_files
+    from .render import MANIFEST, bundle_files
 
     names = shipped_spec_names() if args.all else [args.spec]
     stale = 0
@@ -32,7 +32,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         spec = load_spec(name)
         bundle = Path(args.out) / spec.name
         want = bundle_files(spec)
-        have = {p.name for p in bundle.glob("*.cu")} | ({"manifest.json"} if (bundle / "manifest.json").exists() else set())
+        have = {p.name for p in bundle.glob("*.cu")} | ({MANIFEST} if (bundle / MANIFEST).exists() else set())
         for fname in sorted(set(want) | have):
             path = bundle / fname
             if fname not in want:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, ValueError) as err:
+    except ValueError as err:
         # SpecError, GgufError, SettingsError and BundleError are all ValueErrors with messages for people
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2

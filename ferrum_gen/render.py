@@ -11,6 +11,7 @@ import jinja2
 from jinja2 import meta
 
 from . import __version__
+from .compile import write_atomic
 from .enumerate import enumerate_kernels
 from .families.base import KernelSpec
 from .spec import MoeSpec
@@ -121,7 +122,5 @@ def write_bundle(spec: MoeSpec, out_root: Path) -> Path:
     for name, text in files.items():
         path = bundle / name
         if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_atomic(path, text.encode())
     return bundle
