@@ -74,6 +74,27 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # noqa: BLE001 - any failure here means: no usable GPU
+        print(f"ferrum-gen: error: tune times kernels on a CUDA GPU with CuPy, and none is usable here ({err})",
+              file=sys.stderr)
+        return 2
+    from .tune import describe, tune
+
+    spec = load_spec(args.spec)
+    buckets = tuple(args.buckets) if args.buckets else None
+    kwargs = {"buckets": buckets} if buckets else {}
+    table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations, **kwargs)
+    print(describe(table))
+    done = "complete" if table.meta.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
+    print(f"{spec.name}: tuning table for {table.gpu} -> {path} ({done}, {table.meta.get('elapsed_s')} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ferrum-gen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", required=True, help="e.g. sm_90")
     p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("tune", help="time every kernel variant per token-count bucket on this GPU and write "
+                                     "<out>/<spec>/tuning/<gpu>.json, which the runtime then follows (needs a GPU)")
+    p.add_argument("--spec", required=True, help="a spec YAML file or shipped spec name")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="time budget in seconds; buckets not reached keep the default rule (default: 300)")
+    p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
+    p.add_argument("--rotations", type=int, default=8,
+                   help="distinct input sets per timed graph, so weights are not served from L2 (default: 8)")
+    p.add_argument("--buckets", type=int, nargs="+", default=None,
+                   help="token-count buckets to tune (default: powers of two from 1 to 4096)")
+    p.set_defaults(func=_cmd_tune)
 
     args = parser.parse_args(argv)
     try:

@@ -1,36 +1,95 @@
-"""GGUF k-quant block layouts (Q4_K, Q6_K): sizes, numpy dequantisation, random valid
-blocks for tests, and the one-time conversion into the layout the GPU kernels read.
+"""GGUF k-quant block layouts: one registry of every fact about a quant type, numpy
+dequantisation, random valid blocks for tests, and the one-time conversion into the layout
+the GPU kernels read.
 
-Q4_K, 144 bytes / 256 weights: d f16, dmin f16, 12 bytes of packed 6-bit scales and
-mins for 8 sub-blocks of 32, 128 bytes of 4-bit values.
-Q6_K, 210 bytes / 256 weights: ql[128], qh[64], scales[16] int8, d f16.
+Adding a k-quant means: a QuantType member and a QuantLayout entry here, its struct in
+templates/dequant.cuh.j2, and its tests. Everything else (spec validation, kernel families,
+GGUF reading, the runtime) reads the registry; code that branches on the type raises for a
+type it does not know.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
 import numpy as np
 
-from .spec import QK_K, QuantType
+QK_K = 256
+"""Weights per k-quant super-block: a k-quantized row's input size must be a multiple."""
 
-BLOCK_BYTES = {QuantType.Q4_K: 144, QuantType.Q6_K: 210}
-"""Bytes of one 256-weight super-block as stored in a GGUF file."""
 
-Q6_K_GPU_BLOCK_BYTES = 208
-"""Q6_K on the GPU: ql, qh and reordered scales (16-byte aligned); d lives in its own array."""
+class QuantType(str, Enum):
+    Q4_K = "q4_k"
+    Q6_K = "q6_k"
 
-GGML_TYPE_ID = {QuantType.Q4_K: 12, QuantType.Q6_K: 14}
-"""ggml's numeric type ids, as GGUF files store them."""
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Where a quant type's bytes and scales live, in the GGUF file and on the GPU."""
+
+    qtype: QuantType
+    ggml_id: int
+    """ggml's numeric type id, as GGUF files store it."""
+    weights_per_block: int
+    gguf_block_bytes: int
+    """Bytes of one super-block as stored in a GGUF file."""
+    gpu_block_bytes: int
+    """Bytes of one super-block in the layout the kernels read (16-byte aligned)."""
+    cuda_struct: str
+    """The block's struct in templates/dequant.cuh.j2."""
+    gemv_chunks_per_block: int
+    """16-byte lane chunks one GEMV lane group splits a block into (see RowDot in dequant.cuh.j2)."""
+    separate_scale: bool
+    """True when the block's f16 `d` moves to its own array on the GPU (the kernels take it as `*_d`)."""
+    layout_doc: str
+
+
+LAYOUTS: dict[QuantType, QuantLayout] = {
+    QuantType.Q4_K: QuantLayout(
+        qtype=QuantType.Q4_K, ggml_id=12, weights_per_block=QK_K, gguf_block_bytes=144, gpu_block_bytes=144,
+        cuda_struct="fg::Q4K", gemv_chunks_per_block=8, separate_scale=False,
+        layout_doc="d f16, dmin f16, 12 bytes of packed 6-bit scales and mins for 8 sub-blocks of 32, "
+                   "128 bytes of 4-bit values; kept as is on the GPU (144 bytes are 16-byte aligned)",
+    ),
+    QuantType.Q6_K: QuantLayout(
+        qtype=QuantType.Q6_K, ggml_id=14, weights_per_block=QK_K, gguf_block_bytes=210, gpu_block_bytes=208,
+        cuda_struct="fg::Q6K", gemv_chunks_per_block=4, separate_scale=True,
+        layout_doc="ql[128], qh[64], scales[16] int8, d f16; on the GPU ql | qh | scales reordered per lane "
+                   "chunk (208 bytes) with d in a separate f16 array",
+    ),
+}
+
+
+def layout(qt: QuantType) -> QuantLayout:
+    """The registry entry of `qt`; a type without one is an error, never a silent default."""
+    try:
+        return LAYOUTS[QuantType(qt)]
+    except (KeyError, ValueError):
+        raise ValueError(f"quant type {qt!r} has no layout in ferrum_gen.quant.LAYOUTS") from None
+
+
+def by_ggml_id(ggml_id: int) -> QuantType | None:
+    """The QuantType whose ggml id is `ggml_id`, or None for a type ferrum-gen does not generate."""
+    return next((lay.qtype for lay in LAYOUTS.values() if lay.ggml_id == int(ggml_id)), None)
+
+
+BLOCK_BYTES = {qt: lay.gguf_block_bytes for qt, lay in LAYOUTS.items()}
+"""Bytes of one super-block as stored in a GGUF file (derived from LAYOUTS)."""
+
+GGML_TYPE_ID = {qt: lay.ggml_id for qt, lay in LAYOUTS.items()}
+"""ggml's numeric type ids (derived from LAYOUTS)."""
 
 
 def row_bytes(qt: QuantType, in_dim: int) -> int:
     if in_dim % QK_K:
         raise ValueError(f"a {qt.value} row needs a multiple of {QK_K} weights, got {in_dim}")
-    return in_dim // QK_K * BLOCK_BYTES[qt]
+    return in_dim // QK_K * layout(qt).gguf_block_bytes
 
 
 def _as_blocks(qt: QuantType, data: np.ndarray, xp=np) -> np.ndarray:
     raw = xp.ascontiguousarray(data, dtype=xp.uint8).reshape(-1)
-    nbytes = BLOCK_BYTES[qt]
+    nbytes = layout(qt).gguf_block_bytes
     if raw.size % nbytes:
         raise ValueError(f"{raw.size} bytes is not a whole number of {qt.value} blocks ({nbytes} bytes each)")
     return raw.reshape(-1, nbytes)
@@ -79,8 +138,8 @@ def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = 
             axis=2,
         ).reshape(n, QK_K).astype(xp.float32) - 32.0
         out = d * xp.repeat(scales, 16, axis=1) * q
-    else:  # pragma: no cover - QuantType is closed
-        raise ValueError(f"unsupported quant type {qt}")
+    else:
+        raise ValueError(f"dequantize has no rule for quant type {qt!r}")
     out = out.reshape(-1)
     return out.reshape(shape) if shape is not None else out
 
@@ -92,20 +151,21 @@ def random_blocks(qt: QuantType, n_blocks: int, rng: np.random.Generator) -> np.
     real layers: Q4_K's d and dmin sit near 1e-4, Q6_K's d near 2e-5, which is below f16's
     normal range, as it often is in real files, so subnormal scales are exercised too.
     """
-    nbytes = BLOCK_BYTES[qt]
-    raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
+    raw = rng.integers(0, 256, size=(n_blocks, layout(qt).gguf_block_bytes), dtype=np.uint8)
     if qt is QuantType.Q4_K:
         raw[:, 0:2] = rng.uniform(5e-5, 1.5e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
         raw[:, 2:4] = rng.uniform(0.0, 1e-4, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    else:
+    elif qt is QuantType.Q6_K:
         raw[:, 208:210] = rng.uniform(1e-5, 4e-5, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    else:
+        raise ValueError(f"random_blocks has no rule for the scale fields of quant type {qt!r}")
     return raw
 
 
 def random_matrix_bytes(qt: QuantType, rows: int, in_dim: int, rng: np.random.Generator) -> np.ndarray:
     """A (rows, row_bytes) uint8 matrix of random valid blocks."""
     nb = in_dim // QK_K
-    return random_blocks(qt, rows * nb, rng).reshape(rows, nb * BLOCK_BYTES[qt])
+    return random_blocks(qt, rows * nb, rng).reshape(rows, nb * layout(qt).gguf_block_bytes)
 
 
 # Q6_K lane chunk (n, s) reads scales 8n + 2m + s, m = 0..3: store those four together.
@@ -122,11 +182,14 @@ def to_gpu_layout(qt: QuantType, data: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """
     if qt is QuantType.Q4_K:
         return np.ascontiguousarray(data, dtype=np.uint8), None
+    if qt is not QuantType.Q6_K:
+        raise ValueError(f"to_gpu_layout has no rule for quant type {qt!r}")
+    gpu_bytes = layout(qt).gpu_block_bytes
     lead = data.shape[:-1]
     blocks = _as_blocks(qt, data)
-    packed = np.empty((blocks.shape[0], Q6_K_GPU_BLOCK_BYTES), dtype=np.uint8)
+    packed = np.empty((blocks.shape[0], gpu_bytes), dtype=np.uint8)
     packed[:, :192] = blocks[:, :192]
     packed[:, 192:208] = blocks[:, 192:208][:, _Q6_K_SCALE_ORDER]
     d = blocks[:, 208:210].copy().view(np.float16).reshape(-1)
-    nb = data.shape[-1] // BLOCK_BYTES[qt]
-    return packed.reshape(lead + (nb * Q6_K_GPU_BLOCK_BYTES,)), d.reshape(lead + (nb,))
+    nb = data.shape[-1] // layout(qt).gguf_block_bytes
+    return packed.reshape(lead + (nb * gpu_bytes,)), d.reshape(lead + (nb,))

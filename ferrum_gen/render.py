@@ -74,6 +74,7 @@ def render_kernel(spec: MoeSpec, kernel: KernelSpec) -> RenderedKernel:
     context = dict(kernel.values)
     context.update(
         uri=kernel.uri,
+        SIGNATURE=kernel.signature,
         generator_version=__version__,
         spec_name=spec.name,
         spec_hash=spec.spec_hash(),

@@ -4,8 +4,9 @@
     layer = MoeLayer.from_gguf(bundle, "model.gguf", layer=0, max_tokens=4096)
     out = layer.forward(x, router_logits)   # CuPy arrays or torch CUDA tensors (DLPack, no copies)
 
-Paths:
-- decode (T <= spec.decode_max_tokens): router -> fused gate+up+SiLU GEMV -> down GEMV with
+Paths (which one serves T, and which kernel variants, is `MoeLayer.choose(T)`: the card's
+tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
+- decode (by default T <= spec.decode_max_tokens): router -> fused gate+up+SiLU GEMV -> down GEMV with
   the weighted combine fused. No host synchronisation and no allocation when `out` is
   given, so a CUDA graph can capture it.
 - prefill (larger T): router -> align (device) -> grouped gate+up+SiLU GEMM -> grouped
@@ -22,22 +23,33 @@ hold NaN or +inf (or are all -inf) gets a NaN output row; other tokens are unaff
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import reference, tuning
 from .bundle import Kernel, KernelBundle
-from .quant import row_bytes, to_gpu_layout
+from .quant import QuantType, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
-from .spec import ActivationDtype, MoeSpec, QuantType
+from .spec import ActivationDtype, MoeSpec
 
-MAX_GRID_Y = 65535
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+PHASES = {
+    "decode": ("route", "gate_up_silu", "down_combine"),
+    "prefill": ("route", "align", "gate_up_silu", "down", "combine"),
+}
+"""The phases of each path, in launch order; forward(stop_after=...) cuts after one of them."""
+
+REPO_GENERATED = Path(__file__).resolve().parent.parent / "generated"
+"""The repository's generated/ directory (a source checkout or editable install): its tuning tables."""
 
 
 def _cupy():
@@ -109,7 +121,7 @@ class MoeLayer:
     """One MoE layer: weights on the GPU, scratch sized once for max_tokens, two forward paths."""
 
     def __init__(self, bundle: KernelBundle, gate: np.ndarray, up: np.ndarray, down: np.ndarray, max_tokens: int,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, tuning_table: Any = "auto"):
         cp = _cupy()
         spec = bundle.spec
         self.spec: MoeSpec = spec
@@ -140,18 +152,20 @@ class MoeLayer:
 
         self.k_router = bundle.one("router")
         self.k_align = bundle.one("align")
-        self.k_gemv_gate_up = bundle.one("gemv_gate_up_silu")
-        self.k_gemv_down = bundle.one("gemv_down_combine")
-        self.k_gemm_gate_up = {k_.launch["block_size"]: k_ for k_ in bundle.family("gemm_gate_up_silu")}
-        self.k_gemm_down = {k_.launch["block_size"]: k_ for k_ in bundle.family("gemm_down")}
         self.k_combine = bundle.one("combine")
         dev = cp.cuda.Device(self.device_id)
         self._sm_count = dev.attributes["MultiProcessorCount"]
         self._smem_per_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
+        self.gpu_name = cp.cuda.runtime.getDeviceProperties(self.device_id)["name"].decode()
+        self._args = {e["uri"]: tuple((a["name"], a["type"]) for a in e["args"]) for e in bundle.manifest["kernels"]}
+        self.variants, self._default_variants = self._usable_variants()
         self._resident: dict[str, int] = {}
-        for kern in list(self.k_gemm_gate_up.values()) + list(self.k_gemm_down.values()):
-            self._set_smem(kern)
-            self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
+        for family in tuning.PATH_FAMILIES["prefill"]:
+            for kernels in self.variants[family].values():
+                for kern in kernels:
+                    self._set_smem(kern)
+                    self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
+        self.tuning = self._find_tuning(tuning_table)
 
         P = max_tokens * k
         max_bs = max(spec.prefill.block_sizes)
@@ -167,18 +181,107 @@ class MoeLayer:
         self.a_sorted = cp.empty((self._cap, I), dtype=mma)
         self.y_sorted = cp.empty((self._cap, H), dtype=act)
         self.x_mma = cp.empty((max_tokens, H), dtype=cp.float16) if spec.activation_dtype is ActivationDtype.F32 else None
-        self.a_decode = cp.empty((min(max_tokens, spec.decode_max_tokens) * k, I), dtype=cp.float32)
+        self.a_decode = cp.empty((self._decode_token_cap() * k, I), dtype=cp.float32)
         self.profile: dict[str, list[float]] = {}
 
     # --- construction ---------------------------------------------------------
 
     @classmethod
     def from_gguf(cls, bundle: KernelBundle, path: Any, layer: int, max_tokens: int,
-                  settings: Settings | None = None) -> "MoeLayer":
+                  settings: Settings | None = None, tuning_table: Any = "auto") -> "MoeLayer":
         from .gguf_io import read_layer_experts
 
         experts = read_layer_experts(path, layer, bundle.spec)
-        return cls(bundle, experts.gate.data, experts.up.data, experts.down.data, max_tokens, settings)
+        return cls(bundle, experts.gate.data, experts.up.data, experts.down.data, max_tokens, settings,
+                   tuning_table=tuning_table)
+
+    def _usable_variants(self) -> tuple[dict[str, dict[str, list[Kernel]]], dict[str, str]]:
+        """family -> variant -> its kernels (one per block size for the GEMMs), for the variants this
+        card's arch can run (a variant runs only where all of its kernels fit), and each family's default."""
+        arch = self.bundle.arch
+        variants: dict[str, dict[str, list[Kernel]]] = {}
+        defaults: dict[str, str] = {}
+        unusable: set[tuple[str, str]] = set()
+        for e in self.bundle.manifest["kernels"]:
+            fam, var = e["family"], e["variant"]
+            if fam not in tuning.PATH_FAMILIES["decode"] + tuning.PATH_FAMILIES["prefill"]:
+                continue
+            if e["default"]:
+                defaults[fam] = var
+            if e["archs"] is not None and arch not in e["archs"]:
+                unusable.add((fam, var))
+            variants.setdefault(fam, {}).setdefault(var, []).append(self.bundle.kernels[e["uri"]])
+        for fam, var in unusable:
+            del variants[fam][var]
+        return variants, defaults
+
+    def _find_tuning(self, tuning_table: Any) -> tuning.TuningTable | None:
+        if tuning_table is None:
+            return None
+        if isinstance(tuning_table, tuning.TuningTable):
+            table = tuning_table
+        elif tuning_table == "auto":
+            search = [d for d in (getattr(self.bundle, "bundle_dir", None), REPO_GENERATED / self.spec.name) if d]
+            return tuning.find_table(self.spec, self.gpu_name, search)
+        else:
+            table = tuning.TuningTable.load(Path(tuning_table))
+        table.check_matches(self.spec, self.gpu_name)
+        return table
+
+    def _decode_token_cap(self) -> int:
+        """The most tokens the decode path serves by itself (the rule's bound, or a tuned bucket's)."""
+        tuned = [e.bucket for e in self.tuning.entries if e.path == "decode"] if self.tuning else []
+        return min(self.max_tokens, max([self.spec.decode_max_tokens, *tuned]))
+
+    # --- choosing ---------------------------------------------------------------
+
+    def choose(self, tokens: int, path: str = "auto", variants: Mapping[str, str] | None = None) -> tuning.Choice:
+        """The path and kernel variants that serve `tokens` (the tuning table's, else the default rule).
+
+        variants: family -> variant to force some of the path's families (the tuner and the tests).
+        """
+        if path not in ("auto", *tuning.PATHS):
+            raise ValueError(f"path={path!r}: use 'auto', 'decode' or 'prefill'")
+        choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
+        if not variants:
+            return choice
+        for family, variant in variants.items():
+            if family not in tuning.PATH_FAMILIES[choice.path]:
+                raise ValueError(f"variants names {family!r}, which is not a tuned family of the {choice.path} "
+                                 f"path {tuning.PATH_FAMILIES[choice.path]}")
+            if variant not in self.variants[family]:
+                raise ValueError(f"{family} has no variant {variant!r} usable on {self.bundle.arch}; it has "
+                                 f"{sorted(self.variants[family])}")
+        return dataclasses.replace(choice, variants={**choice.variants, **variants}, source="forced")
+
+    def choose_path(self, tokens: int) -> str:
+        """The path path='auto' takes for `tokens`: the one rule the runtime, tests and bench share."""
+        return self.choose(tokens).path
+
+    def phases(self, path: str) -> tuple[str, ...]:
+        return PHASES[path]
+
+    def selected_kernels(self, tokens: int, path: str = "auto") -> dict[str, str]:
+        """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
+        choice = self.choose(tokens, path)
+        out = {"router": self.k_router.uri}
+        if choice.path == "prefill":
+            out["align"] = self.k_align.uri
+        for family, variant in choice.variants.items():
+            out[family] = ",".join(k.uri for k in self.variants[family][variant])
+        if choice.path == "prefill":
+            out["combine"] = self.k_combine.uri
+        return out
+
+    def launch_count(self, tokens: int, path: str = "auto") -> int:
+        """Kernel launches of one forward call with float32 router logits."""
+        choice = self.choose(tokens, path)
+        if choice.path == "decode":
+            return 3
+        per_gemm = 1 if self.settings.block_size_override else len(self.spec.prefill.block_sizes)
+        convert_x = 1 if self.x_mma is not None else 0
+        align = 0 if self.settings.host_route else 1
+        return 1 + align + convert_x + 2 * per_gemm + 1
 
     # --- launching --------------------------------------------------------------
 
@@ -201,9 +304,15 @@ class MoeLayer:
         tiles = math.ceil((num_pairs + self.spec.num_experts * (bs - 1)) / bs) * kern.launch["n_tiles"]
         return min(tiles, self._resident[kern.uri]), kern.launch["smem_bytes"][self.bundle.arch]
 
-    @staticmethod
-    def _launch(kern: Kernel, grid: tuple[int, ...], args: tuple, stream: Any, smem: int = 0) -> None:
-        kern.function(grid, (kern.launch["threads"],), args, shared_mem=smem, stream=stream)
+    def _launch(self, kern: Kernel, grid: tuple[int, ...], stream: Any, smem: int = 0, **args: Any) -> None:
+        """Launch with arguments by name, passed in the order of the kernel's manifest entry."""
+        declared = self._args[kern.uri]
+        names = {n for n, _ in declared}
+        if set(args) != names:
+            raise TypeError(f"{kern.uri}: missing arguments {sorted(names - set(args))}, "
+                            f"unexpected {sorted(set(args) - names)}")
+        values = tuple(np.int32(args[n]) if t == "int" else args[n] for n, t in declared)
+        kern.function(grid, (kern.launch["threads"],), values, shared_mem=smem, stream=stream)
 
     def _phase(self, name: str, stream: Any, events: list | None) -> None:
         if events is not None:
@@ -214,98 +323,136 @@ class MoeLayer:
     # --- the forward pass -------------------------------------------------------
 
     def forward(self, x: Any, router_logits: Any, *, out: Any = None, path: str = "auto",
-                check_finite: bool = False) -> Any:
+                check_finite: bool = False, stop_after: str | None = None,
+                variants: Mapping[str, str] | None = None) -> Any:
+        """out [T, H] = the MoE layer applied to x [T, H] with router_logits [T, E].
+
+        path: "auto" (the tuning table, else the default rule; see choose()), "decode" or
+        "prefill". stop_after: a phase name (phases(path)): launch only up to and including it
+        (benchmarks cut the graph there; the output is then not written). variants: force some
+        families' kernel variants (see choose()).
+        """
         cp = _cupy()
         spec = self.spec
         H, E, k = spec.hidden_size, spec.num_experts, spec.top_k
-        xc, torch_io = self._inputs.as_cupy(x, "x")
-        lc, _ = self._inputs.as_cupy(router_logits, "router_logits")
-        if xc.ndim != 2 or xc.shape[1] != H:
-            raise ValueError(f"x has shape {tuple(xc.shape)}; spec {spec.name} needs [T, {H}]")
-        T = xc.shape[0]
-        self._check_act_dtype(xc, x, "x")
-        if lc.ndim != 2 or lc.shape != (T, E):
-            raise ValueError(f"router_logits has shape {tuple(lc.shape)}; it must be [T, E] = [{T}, {E}]")
-        if T > self.max_tokens:
-            raise ValueError(f"x has {T} tokens, more than this layer's max_tokens={self.max_tokens}: build the layer "
-                             "with a larger max_tokens or split the batch")
-        if path not in ("auto", "decode", "prefill"):
-            raise ValueError(f"path={path!r}: use 'auto', 'decode' or 'prefill'")
-        use_decode = path == "decode" or (path == "auto" and T <= spec.decode_max_tokens)
-        if use_decode and T * k > MAX_GRID_Y:
-            raise ValueError(f"the decode path takes at most {MAX_GRID_Y // k} tokens; use path='prefill'")
-
-        stream = self._stream_for(x, torch_io)
-        out_c, out_user = self._output(out, T, x, torch_io)
-        if T == 0:
-            return out_user
-        capturing = stream.is_capturing() if hasattr(stream, "is_capturing") else False
-        events: list | None = [] if (self.settings.profile and not capturing) else None
+        stream = self._stream_for(x)
+        # Converting torch tensors inside their own stream's context keeps DLPack's stream
+        # handshake on that stream: on another (the legacy one) it would break graph capture.
         with cp.cuda.Device(self.device_id), stream:
+            xc, torch_io = self._inputs.as_cupy(x, "x")
+            lc, _ = self._inputs.as_cupy(router_logits, "router_logits")
+            if xc.ndim != 2 or xc.shape[1] != H:
+                raise ValueError(f"x has shape {tuple(xc.shape)}; spec {spec.name} needs [T, {H}]")
+            T = xc.shape[0]
+            self._check_act_dtype(xc, x, "x")
+            if lc.ndim != 2 or lc.shape != (T, E):
+                raise ValueError(f"router_logits has shape {tuple(lc.shape)}; it must be [T, E] = [{T}, {E}]")
+            if T > self.max_tokens:
+                raise ValueError(f"x has {T} tokens, more than this layer's max_tokens={self.max_tokens}: build the "
+                                 "layer with a larger max_tokens or split the batch")
+            choice = self.choose(T, path, variants)
+            if choice.path == "decode" and not tuning.decode_possible(spec, T):
+                raise ValueError(f"the decode path takes at most {tuning.MAX_DECODE_PAIRS // k} tokens; "
+                                 "use path='prefill'")
+            if stop_after is not None and stop_after not in PHASES[choice.path]:
+                raise ValueError(f"stop_after={stop_after!r}: the {choice.path} path's phases are "
+                                 f"{PHASES[choice.path]}")
+            out_c, out_user = self._output(out, T, x, torch_io)
+            if T == 0:
+                return out_user
+            capturing = stream.is_capturing() if hasattr(stream, "is_capturing") else False
+            events: list | None = [] if (self.settings.profile and not capturing) else None
             self._phase("start", stream, events)
             logits = self._logits_f32(lc, router_logits, T)
             if check_finite:
                 self._raise_on_non_finite(logits)
             host = self.settings.host_route
             if host:
-                self._route_on_host(logits, T, plan=not use_decode)
+                self._route_on_host(logits, T, plan=choice.path == "prefill")
             else:
-                self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),),
-                             (logits, self.ids, self.weights, np.int32(T)), stream)
+                self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
+                             logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
-            if use_decode:
-                self._decode(xc, out_c, T, stream, events)
-            else:
-                self._prefill(xc, out_c, T, stream, events, plan_ready=host)
-        if events is not None:
-            self._record_profile("decode" if use_decode else "prefill", events)
+            run = self._decode if choice.path == "decode" else functools.partial(self._prefill, plan_ready=host)
+            run(xc, out_c, T, choice, stream, events, stop_after)
+        if events is not None and stop_after is None:
+            self._record_profile(choice.path, events)
         return out_user
 
-    def _decode(self, xc: Any, out_c: Any, T: int, stream: Any, events: list | None) -> None:
-        cp = _cupy()
-        spec = self.spec
-        P = T * spec.top_k
-        if self.a_decode.shape[0] < P:  # decode at a large T (tests, comparisons): grow once
-            self.a_decode = cp.empty((P, spec.intermediate_size), dtype=cp.float32)
-        kg = self.k_gemv_gate_up
-        self._launch(kg, (math.ceil(spec.intermediate_size / kg.launch["rows_per_cta"]), P),
-                     (xc, self.ids, self.gate.data, self.gate.d, self.up.data, self.up.d, self.a_decode), stream)
-        self._phase("gate_up_silu", stream, events)
-        kd = self.k_gemv_down
-        self._launch(kd, (math.ceil(spec.hidden_size / kd.launch["rows_per_cta"]), T),
-                     (self.a_decode, self.ids, self.weights, self.down.data, self.down.d, out_c), stream)
-        self._phase("down_combine", stream, events)
+    def _steps(self, stream: Any, events: list | None, stop_after: str | None,
+               steps: list[tuple[str, Callable[[], None]]]) -> None:
+        """Run the phases in order, each followed by its profiling event, up to `stop_after`."""
+        for name, launch in steps:
+            launch()
+            self._phase(name, stream, events)
+            if name == stop_after:
+                return
 
-    def _prefill(self, xc: Any, out_c: Any, T: int, stream: Any, events: list | None, plan_ready: bool) -> None:
+    def _decode(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
+                stop_after: str | None) -> None:
+        spec = self.spec
+        if stop_after == "route":
+            return
+        P = T * spec.top_k
+        if self.a_decode.shape[0] < P:  # decode forced at a large T (tests, comparisons): grow once
+            self.a_decode = _cupy().empty((P, spec.intermediate_size), dtype=_cupy().float32)
+        (kg,) = self.variants["gemv_gate_up_silu"][choice.variants["gemv_gate_up_silu"]]
+        (kd,) = self.variants["gemv_down_combine"][choice.variants["gemv_down_combine"]]
+        self._steps(stream, events, stop_after, [
+            ("gate_up_silu", lambda: self._launch(
+                kg, (math.ceil(spec.intermediate_size / kg.launch["rows_per_cta"]), P), stream,
+                x=xc, ids=self.ids, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
+                w_up_d=self.up.d, a=self.a_decode)),
+            ("down_combine", lambda: self._launch(
+                kd, (math.ceil(spec.hidden_size / kd.launch["rows_per_cta"]), T), stream,
+                a=self.a_decode, ids=self.ids, weights=self.weights, w_down=self.down.data, w_down_d=self.down.d,
+                out=out_c)),
+        ])
+
+    def _prefill(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
+                 stop_after: str | None, plan_ready: bool) -> None:
         cp = _cupy()
         spec = self.spec
+        if stop_after == "route":
+            return
         P = T * spec.top_k
         override = self.settings.block_size_override
-        if not plan_ready:
-            self._launch(self.k_align, (1,), (self.ids, np.int32(P), np.int32(override or 0), self.sorted_ids,
-                                              self.block_expert, self.plan, self.pairs_by_token), stream)
-        self._phase("align", stream, events)
-        if self.x_mma is not None:
-            x_in = self.x_mma[:T]
-            cp.copyto(x_in, xc)
-        else:
+        gate_up = self.variants["gemm_gate_up_silu"][choice.variants["gemm_gate_up_silu"]]
+        down = self.variants["gemm_down"][choice.variants["gemm_down"]]
+        if override:
+            gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
+            down = [kern for kern in down if kern.launch["block_size"] == override]
+
+        def align() -> None:
+            if not plan_ready:
+                self._launch(self.k_align, (1,), stream, ids=self.ids, num_pairs=P, block_size_override=override or 0,
+                             sorted_ids=self.sorted_ids, block_expert=self.block_expert, plan=self.plan,
+                             pairs_by_token=self.pairs_by_token)
+
+        def gemm_gate_up() -> None:
             x_in = xc
-        sizes = [override] if override else list(spec.prefill.block_sizes)
-        for bs in sizes:
-            kern = self.k_gemm_gate_up[bs]
-            grid, smem = self._persistent_grid(kern, P)
-            self._launch(kern, (grid,), (x_in, self.sorted_ids, self.block_expert, self.plan, np.int32(P),
-                                         self.gate.data, self.gate.d, self.up.data, self.up.d, self.a_sorted),
-                         stream, smem)
-        self._phase("gate_up_silu", stream, events)
-        for bs in sizes:
-            kern = self.k_gemm_down[bs]
-            grid, smem = self._persistent_grid(kern, P)
-            self._launch(kern, (grid,), (self.a_sorted, self.block_expert, self.plan, self.down.data, self.down.d,
-                                         self.y_sorted), stream, smem)
-        self._phase("down", stream, events)
-        self._launch(self.k_combine, (T,), (self.y_sorted, self.pairs_by_token, self.weights, out_c), stream)
-        self._phase("combine", stream, events)
+            if self.x_mma is not None:
+                x_in = self.x_mma[:T]
+                cp.copyto(x_in, xc)
+            for kern in gate_up:
+                grid, smem = self._persistent_grid(kern, P)
+                self._launch(kern, (grid,), stream, smem, x=x_in, sorted_ids=self.sorted_ids,
+                             block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
+                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)
+
+        def gemm_down() -> None:
+            for kern in down:
+                grid, smem = self._persistent_grid(kern, P)
+                self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
+                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted)
+
+        self._steps(stream, events, stop_after, [
+            ("align", align),
+            ("gate_up_silu", gemm_gate_up),
+            ("down", gemm_down),
+            ("combine", lambda: self._launch(self.k_combine, (T,), stream, y=self.y_sorted,
+                                             pairs_by_token=self.pairs_by_token, weights=self.weights, out=out_c)),
+        ])
 
     # --- helpers ------------------------------------------------------------------
 
@@ -343,14 +490,16 @@ class MoeLayer:
             shown = ", ".join(map(str, tokens[:8])) + (", ..." if len(tokens) > 8 else "")
             raise ValueError(f"router_logits hold NaN or inf (or are all -inf) for {len(tokens)} token(s): {shown}")
 
-    def _stream_for(self, x: Any, torch_io: bool) -> Any:
+    def _stream_for(self, x: Any) -> Any:
+        """torch's current stream on x's device for torch tensors (so that torch graph capture and
+        torch's ordering hold), else CuPy's current stream."""
         cp = _cupy()
-        if torch_io:
+        if type(x).__module__.startswith("torch") and getattr(x, "is_cuda", False):
             import torch
 
             with warnings.catch_warnings():  # the replacement, Stream.from_external, is newer than CuPy 13
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, self.device_id)
+                return cp.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream, x.device.index)
         return cp.cuda.get_current_stream()
 
     def _output(self, out: Any, T: int, x: Any, torch_io: bool) -> tuple[Any, Any]:

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-QK_K = 256
-"""Weights per k-quant super-block: a k-quantized row's input size must be a multiple."""
+from .quant import QK_K, QuantType
+
+__all__ = ["QK_K", "QuantType", "ActivationDtype", "Arch", "MoeSpec", "SpecError", "load_spec", "spec_from_dict"]
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -28,11 +29,6 @@ MAX_EXPERTS = 1024
 
 MAX_TOP_K = 32
 """The router keeps the chosen experts in registers across one warp."""
-
-
-class QuantType(str, Enum):
-    Q4_K = "q4_k"
-    Q6_K = "q6_k"
 
 
 class ActivationDtype(str, Enum):
@@ -140,6 +136,76 @@ class PrefillConfig(BaseModel):
         return v
 
 
+GEMV_WARP_CHOICES = (1, 2, 4, 8, 16)
+"""Warps per CTA a decode GEMV may use (at most 512 threads, a power of two)."""
+
+DEFAULT_GEMV_WARPS = 4
+"""Warps per CTA of the default decode GEMV kernels."""
+
+
+class VariantConfig(BaseModel):
+    """Extra kernel variants for the tuner, beside the default kernels the other keys describe.
+
+    Each listed value becomes its own kernel (its own uri). A variant may fit only some
+    target archs (shared memory): it is generated with the archs it fits and the runtime
+    and tuner use it only there; one that fits none is an error.
+    """
+
+    model_config = _FROZEN
+
+    gemv_warps: tuple[int, ...] = Field(
+        default=(), description="decode GEMVs: warps per CTA besides the default 4, e.g. [8]"
+    )
+    gate_up_tile_n: tuple[int, ...] = Field(
+        default=(), description="prefill gate+up GEMM tile widths besides prefill.gate_up_tile_n, e.g. [64, 128]"
+    )
+    down_tile_n: tuple[int, ...] = Field(
+        default=(), description="prefill down GEMM tile widths besides prefill.down_tile_n, e.g. [128]"
+    )
+
+    @field_validator("gemv_warps", "gate_up_tile_n", "down_tile_n", mode="before")
+    @classmethod
+    def _entries_not_bools(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            for item in v:
+                _reject_bool(item, f"an entry of variants.{info.field_name}")
+        return v
+
+    @field_validator("gemv_warps", "gate_up_tile_n", "down_tile_n")
+    @classmethod
+    def _distinct(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(
+                f"variants.{info.field_name} {list(v)} repeats a value: list each once, e.g. {sorted(set(v))}"
+            )
+        return tuple(sorted(v))
+
+    @field_validator("gemv_warps")
+    @classmethod
+    def _warps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        for w in v:
+            if w not in GEMV_WARP_CHOICES:
+                raise ValueError(
+                    f"variants.gemv_warps has {w}: use warps per CTA from {list(GEMV_WARP_CHOICES)}"
+                )
+            if w == DEFAULT_GEMV_WARPS:
+                raise ValueError(
+                    f"variants.gemv_warps lists {w}, which is already the default: list only the extra counts"
+                )
+        return v
+
+    @field_validator("gate_up_tile_n", "down_tile_n")
+    @classmethod
+    def _tiles(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
+        for n in v:
+            if n <= 0 or n % 32:
+                raise ValueError(
+                    f"variants.{info.field_name} has {n}: use positive multiples of 32 "
+                    "(four warps, one 8-wide tensor-core tile each)"
+                )
+        return v
+
+
 class MoeSpec(BaseModel):
     """One model's MoE layer: every size here becomes a compile-time constant."""
 
@@ -158,6 +224,7 @@ class MoeSpec(BaseModel):
         default=16, description="token counts up to this take the decode (GEMV) path, larger ones prefill"
     )
     prefill: PrefillConfig = Field(default_factory=PrefillConfig)
+    variants: VariantConfig = Field(default_factory=VariantConfig)
     target_archs: tuple[Arch, ...] = Field(
         default=(Arch.SM_90,), description="GPU architectures the bundle is compiled for"
     )
@@ -236,17 +303,29 @@ class MoeSpec(BaseModel):
                     f"correct {in_name} if it is a typo (a model whose {in_name} is not a multiple of {QK_K} "
                     "is not supported)"
                 )
-        for field, n, size_name in (
-            ("gate_up_tile_n", self.prefill.gate_up_tile_n, "intermediate_size"),
-            ("down_tile_n", self.prefill.down_tile_n, "hidden_size"),
+        for field, tiles, size_name in (
+            ("prefill.gate_up_tile_n", (self.prefill.gate_up_tile_n,), "intermediate_size"),
+            ("prefill.down_tile_n", (self.prefill.down_tile_n,), "hidden_size"),
+            ("variants.gate_up_tile_n", self.variants.gate_up_tile_n, "intermediate_size"),
+            ("variants.down_tile_n", self.variants.down_tile_n, "hidden_size"),
         ):
             size = getattr(self, size_name)
-            if size % n:
-                choices = [c for c in range(32, min(size, 512) + 1, 32) if size % c == 0]
+            for n in tiles:
+                if size % n:
+                    choices = [c for c in range(32, min(size, 512) + 1, 32) if size % c == 0]
+                    raise ValueError(
+                        f"{field} ({n}) does not divide {size_name} ({size}): "
+                        f"pick a multiple of 32 that divides {size}"
+                        + (f", e.g. one of {choices}" if choices else "")
+                    )
+        for field, extra, default in (
+            ("gate_up_tile_n", self.variants.gate_up_tile_n, self.prefill.gate_up_tile_n),
+            ("down_tile_n", self.variants.down_tile_n, self.prefill.down_tile_n),
+        ):
+            if default in extra:
                 raise ValueError(
-                    f"prefill.{field} ({n}) does not divide {size_name} ({size}): "
-                    f"pick a multiple of 32 that divides {size}"
-                    + (f", e.g. one of {choices}" if choices else "")
+                    f"variants.{field} lists {default}, which is already the default (prefill.{field}): "
+                    "list only the extra widths"
                 )
         return self
 

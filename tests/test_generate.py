@@ -67,14 +67,18 @@ def test_one_name_per_kernel_file_symbol_and_manifest_entry(spec) -> None:
         assert k["launch"]["threads"] > 0 and k["args"]
 
 
-def test_spec_expands_into_one_gemm_per_block_size(spec) -> None:
+def test_spec_expands_into_one_gemm_per_variant_and_block_size(spec) -> None:
     kernels = enumerate_kernels(spec)
     by_family: dict[str, list] = {}
     for k in kernels:
         by_family.setdefault(k.family, []).append(k)
     for fam in ("gemm_gate_up_silu", "gemm_down"):
-        assert sorted(k.launch["block_size"] for k in by_family[fam]) == list(spec.prefill.block_sizes)
+        for variant in {k.variant for k in by_family[fam]}:
+            sizes = sorted(k.launch["block_size"] for k in by_family[fam] if k.variant == variant)
+            assert sizes == list(spec.prefill.block_sizes)
     for fam in FAMILIES - {"gemm_gate_up_silu", "gemm_down"}:
+        assert len({k.variant for k in by_family[fam]}) == len(by_family[fam])
+    for fam in ("router", "align", "combine"):
         assert len(by_family[fam]) == 1
     gate_up = by_family["gemv_gate_up_silu"][0]
     assert spec.quant.gate.value in gate_up.uri and spec.quant.up.value in gate_up.uri
@@ -107,3 +111,56 @@ def test_single_stage_pipeline_where_shared_memory_is_short() -> None:
     gemm = [k for k in enumerate_kernels(spec) if k.family == "gemm_gate_up_silu" and k.launch["block_size"] == 64][0]
     assert gemm.values["SINGLE_STAGE_ARCHS"] == [890]
     assert gemm.launch["smem_bytes"]["sm_89"] < gemm.launch["smem_bytes"]["sm_90"] <= 227 * 1024
+
+
+# --- signatures and variants --------------------------------------------------------------------
+
+_SIGNATURE = re.compile(r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s*(\w+)\(([^)]*)\)', re.S)
+
+
+def _declared_params(source: str) -> tuple[str, list[tuple[str, str]]]:
+    """The kernel's symbol and its (type, name) parameters, parsed from the rendered CUDA."""
+    (match,) = _SIGNATURE.findall(source)
+    symbol, params = match
+    out = []
+    for param in params.split(","):
+        words = param.replace("__restrict__", " ").split()
+        out.append((" ".join(words[:-1]).replace(" *", "*"), words[-1]))
+    return symbol, out
+
+
+def test_every_rendered_signature_matches_its_manifest_entry(spec) -> None:
+    files = bundle_files(spec)
+    for entry in json.loads(files[MANIFEST])["kernels"]:
+        symbol, params = _declared_params(files[entry["file"]])
+        assert symbol == entry["symbol"] == entry["uri"]
+        assert params == [(a["type"], a["name"]) for a in entry["args"]], entry["uri"]
+
+
+def test_each_tuned_family_has_one_default_variant_and_every_listed_variant(spec) -> None:
+    kernels = json.loads(bundle_files(spec)[MANIFEST])["kernels"]
+    listed = {
+        "gemv_gate_up_silu": {f"w{w}" for w in spec.variants.gemv_warps},
+        "gemv_down_combine": {f"w{w}" for w in spec.variants.gemv_warps},
+        "gemm_gate_up_silu": {f"n{n}" for n in spec.variants.gate_up_tile_n},
+        "gemm_down": {f"n{n}" for n in spec.variants.down_tile_n},
+    }
+    for family, extra in listed.items():
+        entries = [k for k in kernels if k["family"] == family]
+        defaults = {k["variant"] for k in entries if k["default"]}
+        assert len(defaults) == 1, family
+        assert {k["variant"] for k in entries} == defaults | extra, family
+        for k in entries:
+            assert k["variant"] in k["uri"], "the variant is part of the kernel's one name"
+            if k["default"] or family.startswith("gemv"):
+                assert k["archs"] is None, "default kernels and GEMVs (no shared memory) run on every target arch"
+            else:
+                assert k["archs"] and set(k["archs"]) <= {a.value for a in spec.target_archs}
+                assert set(k["launch"]["smem_bytes"]) == set(k["archs"]), "shared memory for each arch it runs on"
+
+
+def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
+    data = load_spec("qwen3moe").model_dump(mode="json")
+    data["variants"]["gate_up_tile_n"] = [256]
+    with pytest.raises(SpecError, match=r"remove 256 from variants.gate_up_tile_n"):
+        spec_from_dict(data)

@@ -117,15 +117,27 @@ class Case:
         out = (cp.asarray(w).reshape(T, k, 1) * y.reshape(T, k, -1)).sum(axis=1)
         return out, a, y, ids, w
 
-    def run(self, x, logits, path: str):
+    def run(self, x, logits, path: str, variants=None):
         out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
         poison(out)
         for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_sorted, self.layer.ids,
                     self.layer.weights, self.layer.sorted_ids, self.layer.pairs_by_token):
             poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
-        self.layer.forward(x, logits, out=out, path=path)
+        self.layer.forward(x, logits, out=out, path=path, variants=variants)
         cp.cuda.get_current_stream().synchronize()
         return out
+
+
+def variant_sets(layer, path: str) -> list[dict[str, str]]:
+    """Variant choices that run every usable variant of each of the path's families at least once
+    (the i-th set takes each family's i-th variant, or its default when it has fewer)."""
+    from ferrum_gen.tuning import PATH_FAMILIES
+
+    families = PATH_FAMILIES[path]
+    per_family = {f: sorted(layer.variants[f]) for f in families}
+    longest = max(len(v) for v in per_family.values())
+    return [{f: (vs[i] if i < len(vs) else layer._default_variants[f]) for f, vs in per_family.items()}
+            for i in range(longest)]
 
 
 _CASES: dict[str, Case] = {}
@@ -193,29 +205,44 @@ def test_align_plan_invariants(case: Case, T: int, rng) -> None:
 def test_decode_kernels_match_reference(case: Case, T: int, rng) -> None:
     if T * case.spec.top_k > 65535:
         pytest.skip("beyond the decode grid")
-    x, logits = case.inputs(T, rng)
-    out = case.run(x, logits, "decode")
-    ref_out, ref_a, _, _, _ = case.reference(x, logits)
     P = T * case.spec.top_k
-    # gate+up+SiLU computes in float32 from exactly dequantized weights: the dequant bound applies
-    assert rel_err(case.layer.a_decode[:P], ref_a) <= DEQUANT_TOL
     tol = DEQUANT_TOL if case.spec.activation_dtype is ActivationDtype.F32 else LAYER_TOL[case.spec.activation_dtype]
-    assert rel_err(from_act(out, case.spec.activation_dtype), ref_out) <= tol
+    for variants in variant_sets(case.layer, "decode"):
+        x, logits = case.inputs(T, rng)
+        out = case.run(x, logits, "decode", variants)
+        ref_out, ref_a, _, _, _ = case.reference(x, logits)
+        # gate+up+SiLU computes in float32 from exactly dequantized weights: the dequant bound applies
+        assert rel_err(case.layer.a_decode[:P], ref_a) <= DEQUANT_TOL, variants
+        assert rel_err(from_act(out, case.spec.activation_dtype), ref_out) <= tol, variants
 
 
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
 def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
     spec = case.spec
-    x, logits = case.inputs(T, rng)
-    out = case.run(x, logits, "prefill")
-    ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
     tol = LAYER_TOL[spec.activation_dtype]
     P = T * spec.top_k
-    pbt = case.layer.pairs_by_token[:P]
     mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
-    assert rel_err(from_act(case.layer.a_sorted[pbt], mma), ref_a) <= tol
-    assert rel_err(from_act(case.layer.y_sorted[pbt], spec.activation_dtype), ref_y) <= tol
-    assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol
+    for variants in variant_sets(case.layer, "prefill"):
+        x, logits = case.inputs(T, rng)
+        out = case.run(x, logits, "prefill", variants)
+        ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
+        pbt = case.layer.pairs_by_token[:P]
+        assert rel_err(from_act(case.layer.a_sorted[pbt], mma), ref_a) <= tol, variants
+        assert rel_err(from_act(case.layer.y_sorted[pbt], spec.activation_dtype), ref_y) <= tol, variants
+        assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, variants
+
+
+def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
+    """variant_sets covers each usable variant; on sm_90 every variant of the shipped specs is usable."""
+    for path in ("decode", "prefill"):
+        sets = variant_sets(case.layer, path)
+        for family in case.layer.variants:
+            if family in sets[0]:
+                assert {s[family] for s in sets} == set(case.layer.variants[family])
+    if case.bundle.arch == "sm_90":
+        manifest_variants = {(e["family"], e["variant"]) for e in case.bundle.manifest["kernels"]}
+        usable = {(f, v) for f, vs in case.layer.variants.items() for v in vs}
+        assert usable == {fv for fv in manifest_variants if fv[0] in case.layer.variants}
 
 
 # --- the whole layer ----------------------------------------------------------------------------
@@ -237,7 +264,7 @@ def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
 
     x, logits = case.inputs(T, rng)
     dtype = case.spec.activation_dtype
-    path = "decode" if T <= case.spec.decode_max_tokens else "prefill"
+    path = case.layer.choose_path(T)
     device_out = from_act(case.run(x, logits, path), dtype)
     device_ids = cp.asnumpy(case.layer.ids[: T * case.spec.top_k])
     host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 1024,
@@ -247,16 +274,17 @@ def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
     assert rel_err(host_out, device_out) <= LAYER_TOL[dtype]
 
 
-def test_decode_path_is_graph_capturable(case: Case, rng) -> None:
+@pytest.mark.parametrize("path", ("decode", "prefill"))
+def test_path_is_graph_capturable(case: Case, path: str, rng) -> None:
     spec = case.spec
-    T = min(spec.decode_max_tokens, 4)
+    T = 4 if path == "decode" else 33
     x, logits = case.inputs(T, rng)
     out = cp.empty((T, spec.hidden_size), dtype=x.dtype)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        case.layer.forward(x, logits, out=out)  # warm up outside the capture
+        case.layer.forward(x, logits, out=out, path=path)  # warm up outside the capture
         stream.begin_capture()
-        case.layer.forward(x, logits, out=out)
+        case.layer.forward(x, logits, out=out, path=path)
         graph = stream.end_capture()
     for _ in range(2):  # replay on fresh inputs written into the captured buffers
         x2, logits2 = case.inputs(T, rng)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import gguf
 import gguf.quants
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from ferrum_gen import quant
 from ferrum_gen.spec import QK_K, QuantType
 
-QTYPES = [QuantType.Q4_K, QuantType.Q6_K]
+QTYPES = list(quant.LAYOUTS)
 GGML = {QuantType.Q4_K: gguf.GGMLQuantizationType.Q4_K, QuantType.Q6_K: gguf.GGMLQuantizationType.Q6_K}
 # byte offsets of the f16 scale fields inside a block
 F16_FIELDS = {QuantType.Q4_K: (0, 2), QuantType.Q6_K: (208,)}
@@ -116,7 +119,7 @@ def test_q4_k_gpu_layout_is_the_gguf_layout():
 def _unpack_q6_k_gpu(packed: np.ndarray, d: np.ndarray) -> np.ndarray:
     """The inverse of to_gpu_layout for Q6_K, written from its docstring."""
     lead = packed.shape[:-1]
-    blocks = packed.reshape(-1, quant.Q6_K_GPU_BLOCK_BYTES)
+    blocks = packed.reshape(-1, quant.layout(QuantType.Q6_K).gpu_block_bytes)
     out = np.empty((blocks.shape[0], quant.BLOCK_BYTES[QuantType.Q6_K]), np.uint8)
     out[:, :192] = blocks[:, :192]
     # GPU scale slot 4*(2n+s)+m holds GGUF scale 8n+2m+s
@@ -141,9 +144,9 @@ def test_q6_k_gpu_layout_round_trips(source):
     data = data.reshape(experts, rows, -1)
     packed, d = quant.to_gpu_layout(QuantType.Q6_K, data)
     nb = in_dim // QK_K
-    assert packed.shape == (experts, rows, nb * quant.Q6_K_GPU_BLOCK_BYTES) and packed.dtype == np.uint8
+    assert packed.shape == (experts, rows, nb * quant.layout(QuantType.Q6_K).gpu_block_bytes) and packed.dtype == np.uint8
     assert d.shape == (experts, rows, nb) and d.dtype == np.float16
-    assert quant.Q6_K_GPU_BLOCK_BYTES % 16 == 0
+    assert quant.layout(QuantType.Q6_K).gpu_block_bytes % 16 == 0
     np.testing.assert_array_equal(_unpack_q6_k_gpu(packed, d), data)
 
 
@@ -158,3 +161,43 @@ def test_row_bytes(qt):
     for bad in (1, 100, 255, 257, 768 + 128, 14336 + 64):
         with pytest.raises(ValueError, match="multiple of 256"):
             quant.row_bytes(qt, bad)
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda q: q.value)
+def test_registry_entry_agrees_with_gguf_and_the_kernels(qt):
+    lay = quant.layout(qt)
+    assert lay.qtype is qt and lay.weights_per_block == QK_K == gguf.GGML_QUANT_SIZES[GGML[qt]][0]
+    assert lay.ggml_id == int(GGML[qt]) and quant.by_ggml_id(lay.ggml_id) is qt
+    assert lay.gguf_block_bytes == gguf.GGML_QUANT_SIZES[GGML[qt]][1]
+    assert lay.gpu_block_bytes % 16 == 0, "the kernels read blocks with 16-byte loads"
+    packed, d = quant.to_gpu_layout(qt, quant.random_matrix_bytes(qt, 3, 2 * QK_K, np.random.default_rng(0)))
+    assert packed.shape[-1] == 2 * lay.gpu_block_bytes
+    assert (d is not None) == lay.separate_scale
+    template = (Path(quant.__file__).parent / "templates" / "dequant.cuh.j2").read_text()
+    struct = lay.cuda_struct.split("::")[-1]
+    assert re.search(rf"struct {struct}\b", template), f"{lay.cuda_struct} is not defined in dequant.cuh.j2"
+
+
+def test_every_quant_type_has_a_layout():
+    assert set(quant.LAYOUTS) == set(QuantType)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda qt: quant.layout(qt),
+        lambda qt: quant.random_blocks(qt, 1, np.random.default_rng(0)),
+        lambda qt: quant.to_gpu_layout(qt, np.zeros((1, 144), np.uint8)),
+        lambda qt: quant.dequantize(qt, np.zeros((1, 144), np.uint8)),
+    ],
+    ids=["layout", "random_blocks", "to_gpu_layout", "dequantize"],
+)
+def test_code_that_branches_on_the_type_refuses_an_unknown_one(call):
+    with pytest.raises(ValueError, match="q5_k"):
+        call("q5_k")
+
+
+def test_unknown_ggml_id_is_not_a_quant_type():
+    assert quant.by_ggml_id(8) is None  # Q8_0

@@ -5,19 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..spec import ActivationDtype, Arch, MoeSpec, QuantType
+from ..quant import QK_K, QuantType, layout
+from ..spec import ActivationDtype, Arch, MoeSpec
 
 THREADS_PER_WARP = 32
-
-QUANT_STRUCT = {QuantType.Q4_K: "fg::Q4K", QuantType.Q6_K: "fg::Q6K"}
-CHUNKS_PER_BLOCK = {QuantType.Q4_K: 8, QuantType.Q6_K: 4}
-GPU_BLOCK_BYTES = {QuantType.Q4_K: 144, QuantType.Q6_K: 208}
 
 ACT_CTYPE = {ActivationDtype.F32: "float", ActivationDtype.F16: "__half", ActivationDtype.BF16: "__nv_bfloat16"}
 ACT_BYTES = {ActivationDtype.F32: 4, ActivationDtype.F16: 2, ActivationDtype.BF16: 2}
 # Tensor-core operand type: f32 activations are rounded to f16 for the prefill GEMMs.
 MMA_CTYPE = {ActivationDtype.F32: "__half", ActivationDtype.F16: "__half", ActivationDtype.BF16: "__nv_bfloat16"}
-MMA_DTYPE = {ActivationDtype.F32: "f16", ActivationDtype.F16: "f16", ActivationDtype.BF16: "bf16"}
 
 # Largest dynamic shared memory one block may opt into, per architecture.
 SMEM_LIMIT = {Arch.SM_80: 163 * 1024, Arch.SM_86: 99 * 1024, Arch.SM_89: 99 * 1024, Arch.SM_90: 227 * 1024}
@@ -29,10 +25,23 @@ class Arg:
     name: str
     ctype: str
 
+    @property
+    def declaration(self) -> str:
+        """The parameter as the kernel declares it: pointers are __restrict__ (no argument aliases another)."""
+        return f"{self.ctype} __restrict__ {self.name}" if self.ctype.endswith("*") else f"{self.ctype} {self.name}"
+
+
+DEFAULT_VARIANT = "default"
+
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One generated kernel: its uri names the file, the symbol, the cache key and the manifest entry."""
+    """One generated kernel: its uri names the file, the symbol, the cache key and the manifest entry.
+
+    `variant` names the kernel's variant within its family (e.g. w8, n64); the family's
+    default kernels, the ones the spec's own keys describe, have `default` set. A family with
+    one kernel per block size has one kernel per (variant, block size).
+    """
 
     uri: str
     family: str
@@ -40,12 +49,24 @@ class KernelSpec:
     values: dict[str, Any]
     args: tuple[Arg, ...]
     launch: dict[str, Any] = field(default_factory=dict)
+    variant: str = DEFAULT_VARIANT
+    default: bool = True
+    archs: tuple[str, ...] | None = None
+    """The target archs this kernel can run on; None: all of the spec's."""
+
+    @property
+    def signature(self) -> str:
+        """The extern "C" parameter list, written once here and rendered into the template."""
+        return ", ".join(a.declaration for a in self.args)
 
     def manifest_entry(self, source_sha256: str, template_sha256: str) -> dict[str, Any]:
         return {
             "uri": self.uri,
             "symbol": self.uri,
             "family": self.family,
+            "variant": self.variant,
+            "default": self.default,
+            "archs": list(self.archs) if self.archs is not None else None,
             "file": f"{self.uri}.cu",
             "template": self.template,
             "template_sha256": template_sha256,
@@ -74,7 +95,15 @@ def lanes_per_row(chunks_per_row: int) -> int:
 
 
 def chunks_per_row(qt: QuantType, in_dim: int) -> int:
-    return in_dim // 256 * CHUNKS_PER_BLOCK[qt]
+    return in_dim // QK_K * layout(qt).gemv_chunks_per_block
+
+
+def quant_struct(qt: QuantType) -> str:
+    return layout(qt).cuda_struct
+
+
+def gpu_block_bytes(qt: QuantType) -> int:
+    return layout(qt).gpu_block_bytes
 
 
 GEMM_ROW_ELEMS = 256 + 8
@@ -87,8 +116,13 @@ def gemm_smem_bytes(block_size: int, stages: int, quant_bytes_per_kstep: int, de
     return activations + stages * quant_bytes_per_kstep + dequant_rows * GEMM_ROW_ELEMS * 2
 
 
-def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages) -> tuple[dict[str, int], list[int]]:
-    """Dynamic shared memory per target arch, and the archs that need the one-stage pipeline."""
+def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages, required: bool = True
+                  ) -> tuple[dict[str, int], list[int]]:
+    """Dynamic shared memory per target arch, and the archs that need the one-stage pipeline.
+
+    A `required` kernel (a default one) must fit every target arch; a variant is kept for the
+    archs it fits (the returned dict names them) and must fit at least one.
+    """
     per_arch: dict[str, int] = {}
     single: list[int] = []
     for arch in spec.target_archs:
@@ -98,9 +132,14 @@ def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages) -> tuple[dict
         elif smem_for_stages(1) <= limit:
             per_arch[arch.value] = smem_for_stages(1)
             single.append(ARCH_NUMBER[arch])
-        else:
+        elif required:
             raise ValueError(
                 f"spec {spec.name}: a prefill tile needs {smem_for_stages(1)} bytes of shared memory, more than "
                 f"{arch.value} allows ({limit}); lower {field_hint} or drop {arch.value} from target_archs"
             )
+    if not per_arch:
+        raise ValueError(
+            f"spec {spec.name}: a prefill tile needs {smem_for_stages(1)} bytes of shared memory, more than any "
+            f"target arch allows; lower {field_hint}"
+        )
     return per_arch, sorted(single)

@@ -1,0 +1,170 @@
+"""`ferrum-gen tune`: time every kernel variant per token-count bucket on this GPU and write
+the winners into <bundle>/tuning/<gpu>.json, which the runtime then follows (ferrum_gen/tuning.py).
+
+For each bucket (powers of two from 1 to 4096) the tuner times both edges of the bucket
+(ferrum_gen.tuning.bucket_edges) for every candidate: each path that can serve the bucket
+(decode only up to DECODE_TUNE_MAX tokens, where it can still win) with every combination of
+its families' variants usable on this card. A candidate must first pass the reference check
+(bench.quick_check) at the bucket's largest count; one that fails can never win. The score
+is the sum of the medians at the edges. When the time budget runs out, the buckets not yet
+tuned get the default rule's choice and the table says it is incomplete.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import tuning
+from .spec import MoeSpec
+
+log = logging.getLogger("ferrum_gen")
+
+DECODE_TUNE_MAX = 64
+"""The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
+
+REPLAYS = 10
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str
+    variants: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return self.path + ":" + ",".join(f"{f}={v}" for f, v in self.variants)
+
+
+def candidates(layer, bucket: int) -> list[Candidate]:
+    """Every (path, variant combination) that may serve the bucket on this card."""
+    spec = layer.spec
+    out = []
+    for path in tuning.PATHS:
+        if path == "decode" and (bucket > DECODE_TUNE_MAX or not tuning.decode_possible(spec, bucket)):
+            continue
+        families = tuning.PATH_FAMILIES[path]
+        for combo in itertools.product(*(sorted(layer.variants[f]) for f in families)):
+            out.append(Candidate(path, tuple(zip(families, combo))))
+    return out
+
+
+def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
+    choice = tuning.choose(layer.spec, bucket, layer.variants, layer._default_variants, None)
+    return tuning.TuningEntry(bucket, choice.path, dict(choice.variants))
+
+
+def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
+         buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True
+         ) -> tuple[tuning.TuningTable, Path]:
+    import cupy as cp
+    from tqdm import tqdm
+
+    from . import __version__
+    from .bench import make_input_sets, quick_check, time_graph
+    from .bundle import KernelBundle
+    from .quant import random_matrix_bytes
+    from .runtime import MoeLayer
+    from .settings import Settings
+
+    start = time.monotonic()
+    deadline = start + budget_s
+    rng = np.random.default_rng(seed)
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    q = spec.quant
+    layer = MoeLayer(
+        KernelBundle.load(spec),
+        random_matrix_bytes(q.gate, E * I, H, rng).reshape(E, I, -1),
+        random_matrix_bytes(q.up, E * I, H, rng).reshape(E, I, -1),
+        random_matrix_bytes(q.down, E * H, I, rng).reshape(E, H, -1),
+        max(buckets),
+        settings=Settings.from_env({}),
+        tuning_table=None,
+    )
+    stream = cp.cuda.Stream(non_blocking=True)
+    plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
+    total = sum(len(tuning.bucket_edges(b)) * len(c) for b, c in plan)
+    entries: list[tuning.TuningEntry] = []
+    rejected: dict[str, str] = {}
+    defaults: dict[str, str] = {}
+    complete = True
+    bar = tqdm(total=total, desc=f"tune {spec.name}", unit="timing", disable=not progress)
+    for bucket, cands in plan:
+        if time.monotonic() > deadline:
+            complete = False
+            entries.append(_default_entry(layer, bucket))
+            bar.update(len(tuning.bucket_edges(bucket)) * len(cands))
+            continue
+        scores = {c: 0.0 for c in cands}
+        rule = _default_entry(layer, bucket)
+        defaults[str(bucket)] = Candidate(rule.path, tuple(sorted(rule.variants.items(),
+                                          key=lambda fv: tuning.PATH_FAMILIES[rule.path].index(fv[0])))).name
+        for T in sorted(tuning.bucket_edges(bucket), reverse=True):
+            sets = make_input_sets(spec, T, rng, "uniform", rotations)
+            out = cp.empty((T, H), dtype=sets[0][0].dtype)
+            for cand in cands:
+                if cand not in scores:
+                    bar.update(1)
+                    continue
+                variants = dict(cand.variants)
+                if T == bucket:  # the reference check, once per candidate and bucket
+                    with stream:
+                        layer.forward(sets[0][0], sets[0][1], out=out, path=cand.path, variants=variants)
+                    stream.synchronize()
+                    err, ok = quick_check(layer, sets[0][0], sets[0][1], out)
+                    if not ok:
+                        rejected[f"{bucket}:{cand.name}"] = f"rel err {err:.3g}"
+                        log.warning("tune: %s at T=%d fails the reference check (rel err %.3g)", cand.name, T, err)
+                        del scores[cand]
+                        bar.update(1)
+                        continue
+
+                def calls(cand=cand, variants=variants):
+                    for x, logits in sets:
+                        layer.forward(x, logits, out=out, path=cand.path, variants=variants)
+
+                scores[cand] += float(np.median(time_graph(calls, len(sets), stream, REPLAYS)))
+                bar.update(1)
+        if not scores:
+            raise RuntimeError(f"tune: no candidate passed the reference check at bucket {bucket}: {rejected}")
+        best = min(scores, key=scores.get)
+        entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
+                                          {c.name: v for c, v in scores.items()}))
+    bar.close()
+    table = tuning.TuningTable(
+        spec_name=spec.name, spec_hash=spec.spec_hash(), generator_version=__version__, gpu=layer.gpu_name,
+        entries=entries,
+        meta={
+            "complete": complete,
+            "budget_s": budget_s,
+            "elapsed_s": round(time.monotonic() - start, 1),
+            "rotations": rotations,
+            "replays": REPLAYS,
+            "score": "sum over the bucket's edges of the median microseconds per forward (CUDA-graph replay)",
+            "rejected": rejected,
+            "default_rule_candidates": defaults,
+            "date": time.strftime("%Y-%m-%d"),
+            "arch": layer.bundle.arch,
+            "cupy": cp.__version__,
+            "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "driver": cp.cuda.runtime.driverGetVersion(),
+        },
+    )
+    path = table.save(tuning.table_path(Path(out_root) / spec.name, layer.gpu_name))
+    return table, path
+
+
+def describe(table: tuning.TuningTable) -> str:
+    """The table as rows: bucket, path, variants, winning time and the default's time."""
+    rows = [f"{'bucket':>6} {'path':<8} {'variants':<40} {'best us':>9} {'default us':>10}"]
+    for e in sorted(table.entries, key=lambda e: e.bucket):
+        variants = ",".join(f"{v}" for _, v in sorted(e.variants.items()))
+        best = min(e.timings_us.values()) if e.timings_us else float("nan")
+        default = e.timings_us.get(table.meta.get("default_rule_candidates", {}).get(str(e.bucket), ""), float("nan"))
+        rows.append(f"{e.bucket:>6} {e.path:<8} {variants:<40} {best:>9.1f} {default:>10.1f}")
+    return "\n".join(rows)

@@ -1,0 +1,233 @@
+"""Which path and which kernel variants serve a token count: the default rule and tuning tables.
+
+The runtime asks `choose()` for every forward call. Without a tuning table for the card,
+the **default rule** applies: the decode path for T <= spec.decode_max_tokens, else
+prefill, each family with its default variant (the kernel the spec's own keys describe).
+A tuning table (`ferrum-gen tune` writes one per GPU into <bundle>/tuning/<gpu>.json)
+records, per token-count bucket, the path and the variant of each tuned family that ran
+fastest on that card; T uses the bucket of the smallest tuned token count >= T (the largest
+bucket above the last one). A table is used only for the spec hash, generator version and
+GPU name it was made for.
+
+Nothing here needs a GPU: the tests exercise the choice on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .spec import MoeSpec
+
+log = logging.getLogger("ferrum_gen")
+
+SCHEMA_VERSION = 1
+PATHS = ("decode", "prefill")
+PATH_FAMILIES: dict[str, tuple[str, ...]] = {
+    "decode": ("gemv_gate_up_silu", "gemv_down_combine"),
+    "prefill": ("gemm_gate_up_silu", "gemm_down"),
+}
+"""The families of each path that come in variants (router, align and combine have one kernel)."""
+
+BUCKETS = tuple(2**i for i in range(13))
+"""Token-count buckets the tuner times: powers of two from 1 to 4096."""
+
+MAX_DECODE_PAIRS = 65535
+"""The decode GEMV puts one (token, expert) pair per grid row: CUDA caps grid.y at 65535."""
+
+DEFAULT_RULE = "default rule"
+
+
+class TuningError(ValueError):
+    """A tuning table that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A path and the variant of each of its tuned families."""
+
+    path: str
+    variants: Mapping[str, str]
+    source: str = DEFAULT_RULE
+
+
+def bucket_edges(bucket: int) -> tuple[int, ...]:
+    """The token counts the tuner times for a bucket: its smallest and largest member.
+
+    Bucket b covers (b/2, b]: b = 1 and 2 hold one count each.
+    """
+    low = bucket // 2 + 1
+    return (bucket,) if low >= bucket else (low, bucket)
+
+
+def decode_possible(spec: MoeSpec, tokens: int) -> bool:
+    return tokens * spec.top_k <= MAX_DECODE_PAIRS
+
+
+def default_path(spec: MoeSpec, tokens: int) -> str:
+    return "decode" if tokens <= spec.decode_max_tokens else "prefill"
+
+
+def gpu_slug(gpu_name: str) -> str:
+    """A file-name form of a GPU's name: 'NVIDIA H200' -> 'nvidia_h200'."""
+    slug = re.sub(r"[^a-z0-9]+", "_", gpu_name.lower()).strip("_")
+    return slug or "unknown_gpu"
+
+
+def table_path(bundle_dir: Path, gpu_name: str) -> Path:
+    return Path(bundle_dir) / "tuning" / f"{gpu_slug(gpu_name)}.json"
+
+
+@dataclass
+class TuningEntry:
+    bucket: int
+    path: str
+    variants: dict[str, str]
+    timings_us: dict[str, float] = field(default_factory=dict)
+    """Median microseconds per forward of each candidate at the bucket's edges (summed), for the record."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "path": self.path, "variants": dict(sorted(self.variants.items())),
+                "timings_us": {k: round(v, 2) for k, v in sorted(self.timings_us.items())}}
+
+
+@dataclass
+class TuningTable:
+    spec_name: str
+    spec_hash: str
+    generator_version: str
+    gpu: str
+    entries: list[TuningEntry]
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def lookup(self, tokens: int) -> TuningEntry | None:
+        if not self.entries:
+            return None
+        ordered = sorted(self.entries, key=lambda e: e.bucket)
+        return next((e for e in ordered if e.bucket >= tokens), ordered[-1])
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "spec_name": self.spec_name,
+            "spec_hash": self.spec_hash,
+            "generator_version": self.generator_version,
+            "gpu": self.gpu,
+            "meta": self.meta,
+            "buckets": [e.as_json() for e in sorted(self.entries, key=lambda e: e.bucket)],
+        }
+
+    def save(self, path: Path) -> Path:
+        from .compile import write_atomic
+
+        write_atomic(Path(path), (json.dumps(self.as_json(), indent=2) + "\n").encode())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TuningTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TuningError(f"tuning table {path} cannot be read ({err}): delete it or run `ferrum-gen tune` again")
+        try:
+            if data["schema_version"] != SCHEMA_VERSION:
+                raise TuningError(
+                    f"tuning table {path} has schema version {data['schema_version']}, this ferrum-gen reads "
+                    f"{SCHEMA_VERSION}: run `ferrum-gen tune` again"
+                )
+            entries = [
+                TuningEntry(int(b["bucket"]), str(b["path"]), {str(k): str(v) for k, v in b["variants"].items()},
+                            {str(k): float(v) for k, v in b.get("timings_us", {}).items()})
+                for b in data["buckets"]
+            ]
+            table = cls(str(data["spec_name"]), str(data["spec_hash"]), str(data["generator_version"]),
+                        str(data["gpu"]), entries, dict(data.get("meta", {})), str(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, TuningError):
+                raise
+            raise TuningError(f"tuning table {path} is malformed ({err!r}): run `ferrum-gen tune` again") from None
+        for e in table.entries:
+            if e.path not in PATHS:
+                raise TuningError(f"tuning table {path}: bucket {e.bucket} names path {e.path!r}, not one of {PATHS}")
+        return table
+
+    def check_matches(self, spec: MoeSpec, gpu_name: str) -> None:
+        """Raise TuningError unless this table was made for this spec, generator version and GPU."""
+        for what, have, want in (
+            ("spec hash", self.spec_hash, spec.spec_hash()),
+            ("generator version", self.generator_version, __version__),
+            ("GPU", self.gpu, gpu_name),
+        ):
+            if have != want:
+                raise TuningError(
+                    f"tuning table {self.source} was made for {what} {have!r}, not {want!r}: "
+                    f"run `ferrum-gen tune --spec {spec.name}` on this card"
+                )
+
+
+_told: set[tuple[str, str]] = set()
+
+
+def say_once(key: tuple[str, str], message: str, level: int = logging.WARNING) -> None:
+    """Log a message about a (spec, GPU) pair once per process."""
+    if key not in _told:
+        _told.add(key)
+        log.log(level, message)
+
+
+def find_table(spec: MoeSpec, gpu_name: str, search: Iterable[Path]) -> TuningTable | None:
+    """The first usable table for this spec and GPU among the bundle directories `search`.
+
+    A missing table is said once through logging; a table for another spec, version or GPU is
+    skipped with a warning (never used).
+    """
+    looked = []
+    for bundle_dir in search:
+        path = table_path(bundle_dir, gpu_name)
+        looked.append(str(path))
+        if not path.is_file():
+            continue
+        try:
+            table = TuningTable.load(path)
+            table.check_matches(spec, gpu_name)
+        except TuningError as err:
+            say_once((spec.spec_hash(), gpu_name + str(path)), f"ignoring a tuning table: {err}")
+            continue
+        return table
+    say_once(
+        (spec.spec_hash(), gpu_name),
+        f"no tuning table for spec {spec.name} on {gpu_name} (looked for {', '.join(looked) or 'none'}); "
+        f"using the default rule. Run `ferrum-gen tune --spec {spec.name}` to make one.",
+        logging.INFO,
+    )
+    return None
+
+
+def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]],
+           defaults: Mapping[str, str], table: TuningTable | None = None, path: str = "auto") -> Choice:
+    """The path and variants for `tokens`.
+
+    available: family -> {variant: kernels} usable on this card; defaults: family -> default
+    variant. path: "auto" (table, else the default rule) or "decode"/"prefill" (forced path,
+    variants still from the table when its bucket chose that path).
+    """
+    entry = table.lookup(tokens) if table is not None else None
+    if path == "auto":
+        path = entry.path if entry is not None else default_path(spec, tokens)
+        if path == "decode" and not decode_possible(spec, tokens):
+            path = "prefill"
+    variants = {}
+    use_entry = entry is not None and entry.path == path
+    for family in PATH_FAMILIES[path]:
+        want = entry.variants.get(family) if use_entry else None
+        variants[family] = want if want in available.get(family, {}) else defaults[family]
+    source = f"tuning table {table.source}, bucket {entry.bucket}" if use_entry else DEFAULT_RULE
+    return Choice(path, variants, source)

@@ -1,0 +1,203 @@
+"""Variant choice without a GPU: the default rule, tuning tables, and the spec's variants section."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from ferrum_gen import __version__, tuning
+from ferrum_gen.render import MANIFEST, bundle_files
+from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names, spec_from_dict
+
+GPU = "NVIDIA H200"
+
+
+def manifest_variants(spec, arch: str = "sm_90") -> tuple[dict, dict]:
+    """family -> {variant: uris} usable on `arch`, and family -> default variant, as the runtime builds them."""
+    available: dict[str, dict[str, list[str]]] = {}
+    defaults: dict[str, str] = {}
+    for e in json.loads(bundle_files(spec)[MANIFEST])["kernels"]:
+        if e["family"] not in tuning.PATH_FAMILIES["decode"] + tuning.PATH_FAMILIES["prefill"]:
+            continue
+        if e["default"]:
+            defaults[e["family"]] = e["variant"]
+        if e["archs"] is None or arch in e["archs"]:
+            available.setdefault(e["family"], {}).setdefault(e["variant"], []).append(e["uri"])
+    return available, defaults
+
+
+def table_for(spec, entries: list[tuning.TuningEntry], gpu: str = GPU) -> tuning.TuningTable:
+    return tuning.TuningTable(spec.name, spec.spec_hash(), __version__, gpu, entries)
+
+
+@pytest.fixture(params=shipped_spec_names())
+def spec(request):
+    return load_spec(request.param)
+
+
+def test_without_a_table_the_default_rule_picks_the_path_and_default_variants(spec) -> None:
+    available, defaults = manifest_variants(spec)
+    for T in (1, spec.decode_max_tokens, spec.decode_max_tokens + 1, 4096):
+        choice = tuning.choose(spec, T, available, defaults)
+        assert choice.path == ("decode" if T <= spec.decode_max_tokens else "prefill")
+        assert choice.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES[choice.path]}
+        assert choice.source == tuning.DEFAULT_RULE
+
+
+def test_a_tuning_table_changes_the_runtimes_choice(spec) -> None:
+    available, defaults = manifest_variants(spec)
+    other_gemv = next(v for v in available["gemv_gate_up_silu"] if v != defaults["gemv_gate_up_silu"])
+    other_tile = next(v for v in available["gemm_gate_up_silu"] if v != defaults["gemm_gate_up_silu"])
+    table = table_for(spec, [
+        tuning.TuningEntry(4, "decode", {"gemv_gate_up_silu": other_gemv,
+                                         "gemv_down_combine": defaults["gemv_down_combine"]}),
+        tuning.TuningEntry(8, "prefill", {"gemm_gate_up_silu": other_tile, "gemm_down": defaults["gemm_down"]}),
+        tuning.TuningEntry(4096, "prefill", {"gemm_gate_up_silu": other_tile, "gemm_down": defaults["gemm_down"]}),
+    ])
+    at_3 = tuning.choose(spec, 3, available, defaults, table)
+    assert at_3.path == "decode" and at_3.variants["gemv_gate_up_silu"] == other_gemv
+    assert tuning.choose(spec, 3, available, defaults).variants["gemv_gate_up_silu"] != other_gemv
+    at_6 = tuning.choose(spec, 6, available, defaults, table)  # bucket 8: prefill, even if the rule says decode
+    assert at_6.path == "prefill" and at_6.variants["gemm_gate_up_silu"] == other_tile
+    assert "bucket 8" in at_6.source
+    at_9 = tuning.choose(spec, 9, available, defaults, table)  # no bucket 16: the next tuned one, 4096
+    assert at_9.path == "prefill" and "bucket 4096" in at_9.source
+    forced = tuning.choose(spec, 3, available, defaults, table, path="prefill")  # bucket 4 chose decode
+    assert forced.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES["prefill"]}
+
+
+def test_a_variant_the_card_cannot_run_falls_back_to_the_default() -> None:
+    spec = load_spec("qwen3moe")
+    available, defaults = manifest_variants(spec, arch="sm_89")
+    assert "n128" not in available["gemm_gate_up_silu"]  # 128-wide tiles need Hopper's shared memory
+    table = table_for(spec, [tuning.TuningEntry(4096, "prefill", {"gemm_gate_up_silu": "n128", "gemm_down": "n128"})])
+    choice = tuning.choose(spec, 4096, available, defaults, table)
+    assert choice.variants["gemm_gate_up_silu"] == defaults["gemm_gate_up_silu"]
+
+
+def test_decode_is_never_chosen_beyond_its_grid() -> None:
+    spec = load_spec("qwen3moe")
+    available, defaults = manifest_variants(spec)
+    table = table_for(spec, [tuning.TuningEntry(4096, "decode", {"gemv_gate_up_silu": "w4",
+                                                                 "gemv_down_combine": "w4"})])
+    assert tuning.choose(spec, 9000, available, defaults, table).path == "prefill"
+
+
+def test_bucket_edges_cover_every_token_count_once() -> None:
+    assert tuning.bucket_edges(1) == (1,) and tuning.bucket_edges(2) == (2,)
+    assert tuning.bucket_edges(4) == (3, 4) and tuning.bucket_edges(4096) == (2049, 4096)
+    covered = []
+    for b in tuning.BUCKETS:
+        low, high = tuning.bucket_edges(b)[0], b
+        covered += list(range(low, high + 1))
+    assert covered == list(range(1, 4097))
+
+
+def test_table_round_trips_through_its_file(tmp_path, spec) -> None:
+    table = table_for(spec, [tuning.TuningEntry(1, "decode", {"gemv_gate_up_silu": "w8", "gemv_down_combine": "w4"},
+                                                {"decode:a": 10.0})])
+    path = table.save(tuning.table_path(tmp_path / spec.name, GPU))
+    assert path == tmp_path / spec.name / "tuning" / "nvidia_h200.json"
+    again = tuning.TuningTable.load(path)
+    assert again.as_json() == table.as_json()
+    again.check_matches(spec, GPU)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"spec_hash": "0" * 64}, "spec hash"),
+        ({"generator_version": "0.0.0"}, "generator version"),
+        ({"gpu": "NVIDIA H100 80GB HBM3"}, "GPU"),
+    ],
+)
+def test_a_table_for_another_spec_version_or_gpu_is_refused(change, message) -> None:
+    spec = load_spec("tiny")
+    data = table_for(spec, []).as_json() | change
+    table = tuning.TuningTable(data["spec_name"], data["spec_hash"], data["generator_version"], data["gpu"], [])
+    with pytest.raises(tuning.TuningError, match=message):
+        table.check_matches(spec, GPU)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"schema_version": 1}', '{"schema_version": 99}'])
+def test_a_malformed_table_is_a_tuning_error_naming_the_file(tmp_path, text) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(tuning.TuningError, match="t.json"):
+        tuning.TuningTable.load(path)
+
+
+def test_find_table_says_once_that_the_card_has_none(tmp_path, caplog) -> None:
+    spec = load_spec("tiny")
+    tuning._told.clear()
+    with caplog.at_level(logging.INFO, logger="ferrum_gen"):
+        assert tuning.find_table(spec, "Some GPU", [tmp_path]) is None
+        assert tuning.find_table(spec, "Some GPU", [tmp_path]) is None
+    said = [r for r in caplog.records if "no tuning table" in r.getMessage()]
+    assert len(said) == 1 and "Some GPU" in said[0].getMessage() and "ferrum-gen tune" in said[0].getMessage()
+
+
+def test_find_table_skips_a_stale_table_and_uses_a_matching_one(tmp_path, caplog) -> None:
+    spec = load_spec("tiny")
+    tuning._told.clear()
+    stale = table_for(spec, [])
+    stale.generator_version = "0.0.0"
+    stale.save(tuning.table_path(tmp_path / "a", GPU))
+    good = table_for(spec, [tuning.TuningEntry(1, "decode", {})])
+    good.save(tuning.table_path(tmp_path / "b", GPU))
+    with caplog.at_level(logging.WARNING, logger="ferrum_gen"):
+        found = tuning.find_table(spec, GPU, [tmp_path / "a", tmp_path / "b"])
+    assert found is not None and found.source.endswith("b/tuning/nvidia_h200.json")
+    assert any("ignoring a tuning table" in r.getMessage() for r in caplog.records)
+
+
+def test_committed_tables_match_their_spec_and_cover_every_bucket() -> None:
+    from pathlib import Path
+
+    for spec_name in shipped_spec_names():
+        spec = load_spec(spec_name)
+        for path in sorted((Path(__file__).resolve().parents[1] / "generated" / spec_name / "tuning").glob("*.json")):
+            table = tuning.TuningTable.load(path)
+            table.check_matches(spec, table.gpu)
+            assert path.name == f"{tuning.gpu_slug(table.gpu)}.json"
+            assert sorted(e.bucket for e in table.entries) == list(tuning.BUCKETS)
+            available, _ = manifest_variants(spec)
+            for e in table.entries:
+                assert set(e.variants) == set(tuning.PATH_FAMILIES[e.path])
+                assert all(v in available[f] for f, v in e.variants.items()), (path, e)
+
+
+# --- the spec's variants section ------------------------------------------------------------------
+
+def _with_variants(**variants):
+    data = load_spec("qwen3moe").model_dump(mode="json")
+    data["variants"] = {**data["variants"], **variants}
+    return data
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        ({"gemv_warps": [3]}, r"variants.gemv_warps has 3: use warps per CTA from"),
+        ({"gemv_warps": [4]}, r"variants.gemv_warps lists 4, which is already the default"),
+        ({"gemv_warps": [8, 8]}, r"variants.gemv_warps \[8, 8\] repeats a value"),
+        ({"gate_up_tile_n": [48]}, r"variants.gate_up_tile_n has 48: use positive multiples of 32"),
+        ({"gate_up_tile_n": [32]}, r"variants.gate_up_tile_n lists 32, which is already the default"),
+        ({"down_tile_n": [96]}, r"variants.down_tile_n \(96\) does not divide hidden_size \(2048\)"),
+        ({"down_tile_n": [True]}, r"an entry of variants.down_tile_n is true"),
+        ({"tile": [64]}, r"unknown key 'variants.tile'"),
+    ],
+)
+def test_bad_variants_are_spec_errors_naming_the_field(variants, message) -> None:
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(_with_variants(**variants))
+
+
+def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
+    data = load_spec("qwen3moe").model_dump(mode="json")
+    del data["variants"]
+    spec = spec_from_dict(data)
+    available, defaults = manifest_variants(spec, arch="sm_80")
+    assert {f: set(v) for f, v in available.items()} == {f: {d} for f, d in defaults.items()}
