@@ -534,13 +534,14 @@ def plot(result: BenchResult, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    styles = {"uniform": "-", "skewed": "--"}
-    for routing in sorted({c.routing for c in result.cases}):
-        for path in PATHS:
-            cases = sorted((c for c in result.cases if c.routing == routing and c.path == path), key=lambda c: c.tokens)
+    styles = {"uniform": "-", "skewed": "--"}  # the colour says the path, the line style the routing
+    colours = {"auto": "tab:blue", "decode": "tab:orange", "prefill": "tab:green"}
+    for routing in sorted({c.routing for c in result.cases}, key=lambda r: r != "uniform"):
+        for which in PATHS:
+            cases = sorted((c for c in result.cases if c.routing == routing and c.path == which), key=lambda c: c.tokens)
             if cases:
                 ax.plot([c.tokens for c in cases], [c.median_us for c in cases], styles.get(routing, "-"),
-                        marker="o", label=f"ferrum-gen {path} ({routing})")
+                        color=colours[which], marker="o", markersize=4, label=f"ferrum-gen {which} ({routing})")
     floor: dict[int, float] = {}
     for c in result.cases:
         if c.routing == "uniform" or c.tokens not in floor:
@@ -553,11 +554,14 @@ def plot(result: BenchResult, path: str | Path) -> None:
         ax.plot([r.tokens for r in rows], [r.median_us for r in rows], styles.get(routing, "-"), color="grey",
                 marker="s", label=f"torch bf16 ({result.torch.implementation}, {routing})")
     if result.spec_name == PEERS_SPEC:
-        for (name, points), marker in zip(PEERS_US.items(), ("^", "v", "D")):
+        for (name, points), marker, colour in zip(PEERS_US.items(), ("^", "v", "D"),
+                                                  ("tab:red", "tab:purple", "tab:brown")):
             ts = sorted(points)
-            ax.plot(ts, [points[t] for t in ts], linestyle="none", marker=marker, markersize=8,
+            ax.plot(ts, [points[t] for t in ts], linestyle="none", marker=marker, markersize=8, color=colour,
                     label=f"{name} (recorded, H200)")
     ax.set_xscale("log", base=2)
+    ticks = sorted({c.tokens for c in result.cases})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_yscale("log")
     ax.set_xlabel("tokens T")
     ax.set_ylabel("microseconds per forward (median)")
