@@ -1047,6 +1047,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     steps = [(r, T) for r in options.routings for T in options.tokens]
     for step, (routing, T) in enumerate(steps, 1):
         sets = make_input_sets(spec, T, rng, routing, options.rotations, skew_seed=options.seed)
+        cp.cuda.Device().synchronize()  # made on the default stream; the timing stream does not wait for it
         host_logits = [cp.asnumpy(lg) for _, lg in sets]
         stat = routing_stats(spec, host_logits, routing, layer.settings.block_size_override)
         stats.append(stat)
