@@ -8,7 +8,7 @@ OUT    ?= generated
 # The GPU suite runs under an interpreter that has CuPy (on the GPU machines: the system python3).
 GPU_PYTHON ?= python3
 
-.PHONY: venv generate generate-all test gpu-test gpu-memcheck clean
+.PHONY: venv generate generate-all test gpu-test gpu-memcheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ gpu-memcheck:
 	FERRUM_TEST_NO_MEMPOOL=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
 	  $(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py -k "tiny or (qwen3moe and not qwen3moe_235b)" \
 	  -p no:cacheprovider $(PYTEST_ARGS)
+
+# Times the layer on the GPU against the card's floors (torch, when installed, adds its baseline):
+# writes bench-<spec>.json; e.g. make bench BENCH_ARGS="--plot bench.png --compare old.json".
+bench:
+	$(GPU_PYTHON) -m ferrum_gen.cli bench --spec $(SPEC) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

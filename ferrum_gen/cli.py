@@ -93,6 +93,57 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     done = "complete" if table.meta.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
     print(f"{spec.name}: tuning table for {table.gpu} -> {path} ({done}, {table.meta.get('elapsed_s')} s)")
     return 0
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Time the layer on the GPU, or (--against, --from-json) work on saved results without one."""
+    from . import bench
+
+    try:
+        if args.against is not None and args.compare is None:
+            raise bench.BenchError("--against NEW.json is compared with --compare OLD.json: give both")
+        if args.against is not None and args.from_json is not None:
+            raise bench.BenchError("--against and --from-json both name a saved result: give one of them")
+        if args.plot:
+            bench.check_plot_support()  # before a run of minutes, not after it
+        old = bench.load_result(args.compare) if args.compare is not None else None
+        saved = args.against or args.from_json
+        if saved is not None:
+            result = bench.load_result(saved)
+            if args.from_json is not None:
+                print(bench.full_report(result))
+        else:
+            spec = bench.apply_overrides(load_spec(args.spec), args.set)
+            why = bench.gpu_unavailable_reason()
+            if why is not None:
+                print(f"ferrum-gen bench: error: it needs a CUDA GPU with CuPy ({why})", file=sys.stderr)
+                return 2
+            options = bench.BenchOptions(
+                tokens=tuple(args.tokens), paths=tuple(args.paths),
+                routings=bench.ROUTINGS if args.routing == "both" else (args.routing,),
+                rotations=args.rotations, seed=args.seed, torch_baseline=not args.no_torch, split=not args.no_split,
+                decode_up_to=args.decode_up_to, prefill_from=args.prefill_from, default_rule=args.default_rule,
+                command=bench.command_line(None))
+            result = bench.run_bench(spec, options)
+            json_path = args.json or bench.default_json_path(spec.name)
+            bench.save_result(result, json_path)
+            print(bench.full_report(result))
+            print(f"wrote {json_path}")
+        if args.plot:
+            bench.plot(result, args.plot)
+            print(f"wrote {args.plot}")
+        status = 0
+        if saved is None and any(not c.accuracy.ok for c in result.cases):
+            print("ferrum-gen bench: a timed configuration failed its accuracy check (rel err marked '!')",
+                  file=sys.stderr)
+            status = 1
+        if old is not None:
+            comparison = bench.compare(old, result, args.threshold)
+            print(comparison.table())
+            if comparison.regressed:
+                status = 1
+        return status
+    except bench.BenchError as err:
+        print(f"ferrum-gen bench: error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +188,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buckets", type=int, nargs="+", default=None,
                    help="token-count buckets to tune (default: powers of two from 1 to 4096)")
     p.set_defaults(func=_cmd_tune)
+    from . import bench
+
+    p = sub.add_parser(
+        "bench", help="time the layer on this GPU against its memory/compute floors; compare saved results",
+        description="Times the MoE layer on the GPU (CUDA-graph replay of R forwards on distinct inputs) for each "
+                    "token count, path and routing, with the card's copy bandwidth and matmul rate measured in the "
+                    "same run, a per-phase split, an accuracy check and a torch bf16 baseline. Needs CuPy and a "
+                    "CUDA GPU, except with --compare OLD --against NEW or --from-json FILE. Exit status: 0 ok; 1 a "
+                    "case more than --threshold slower than --compare's, or a failed accuracy check; 2 unusable input "
+                    "or no GPU.")
+    p.add_argument("--spec", default="qwen3moe", help="a spec YAML file or shipped spec name (default: qwen3moe)")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(bench.DEFAULT_TOKENS), metavar="T",
+                   help="token counts (default: powers of two 1..4096)")
+    p.add_argument("--paths", nargs="+", default=list(bench.PATHS), choices=["auto", "decode", "prefill"],
+                   help="paths to time; auto is what the runtime picks (default: all three)")
+    p.add_argument("--routing", default="both", choices=["uniform", "skewed", "both"],
+                   help="uniform: standard-normal logits; skewed: Zipf-like expert popularity (default: both)")
+    p.add_argument("--rotations", type=int, default=bench.DEFAULT_ROTATIONS, metavar="R",
+                   help="forwards per CUDA graph, each on its own input set (default: 8)")
+    p.add_argument("--decode-up-to", type=int, default=bench.DECODE_UP_TO, metavar="T",
+                   help="time the decode path only up to this T (default: 64)")
+    p.add_argument("--prefill-from", type=int, default=bench.PREFILL_FROM, metavar="T",
+                   help="time the prefill path only from this T (default: 8)")
+    p.add_argument("--json", default=None, metavar="PATH", help="where to write the result (default: bench-<spec>.json)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw us against T, log-log (needs matplotlib)")
+    p.add_argument("--compare", default=None, metavar="OLD.json",
+                   help="after the run, compare every case with this saved result; exit 1 if one is slower")
+    p.add_argument("--against", default=None, metavar="NEW.json",
+                   help="with --compare: compare two saved results instead of running (no GPU needed)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="print (and with --plot, draw) a saved result instead of running (no GPU needed)")
+    p.add_argument("--threshold", type=float, default=bench.COMPARE_THRESHOLD, metavar="FRACTION",
+                   help="slowdown that fails --compare, as a fraction (default: 0.05, i.e. 5 %%)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch bf16 baseline")
+    p.add_argument("--no-split", action="store_true", help="skip the per-phase split")
+    p.add_argument("--default-rule", action="store_true",
+                   help="ignore the card's tuning table and time the default rule's kernel choices")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the inputs and the skewed popularity")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key for an experiment, e.g. prefill.gate_up_tile_n=64 (repeatable)")
+    p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -28,7 +28,9 @@ log = logging.getLogger("ferrum_gen")
 DECODE_TUNE_MAX = 64
 """The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 
-REPLAYS = 10
+REPLAYS = 20
+GRAPH_BUDGET_S = 0.15
+"""GPU seconds one candidate's timing may take (fewer replays beyond it)."""
 
 
 @dataclass(frozen=True)
@@ -66,26 +68,13 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     from tqdm import tqdm
 
     from . import __version__
-    from .bench import make_input_sets, quick_check, time_graph
-    from .bundle import KernelBundle
-    from .quant import random_matrix_bytes
-    from .runtime import MoeLayer
-    from .settings import Settings
+    from .bench import build_layer, make_input_sets, quick_check, time_graph
 
     start = time.monotonic()
     deadline = start + budget_s
     rng = np.random.default_rng(seed)
-    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    q = spec.quant
-    layer = MoeLayer(
-        KernelBundle.load(spec),
-        random_matrix_bytes(q.gate, E * I, H, rng).reshape(E, I, -1),
-        random_matrix_bytes(q.up, E * I, H, rng).reshape(E, I, -1),
-        random_matrix_bytes(q.down, E * H, I, rng).reshape(E, H, -1),
-        max(buckets),
-        settings=Settings.from_env({}),
-        tuning_table=None,
-    )
+    H = spec.hidden_size
+    layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
     total = sum(len(tuning.bucket_edges(b)) * len(c) for b, c in plan)
@@ -106,6 +95,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                                           key=lambda fv: tuning.PATH_FAMILIES[rule.path].index(fv[0])))).name
         for T in sorted(tuning.bucket_edges(bucket), reverse=True):
             sets = make_input_sets(spec, T, rng, "uniform", rotations)
+            cp.cuda.Device().synchronize()  # made on the default stream; the timing stream does not wait for it
             out = cp.empty((T, H), dtype=sets[0][0].dtype)
             for cand in cands:
                 if cand not in scores:
@@ -128,7 +118,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                     for x, logits in sets:
                         layer.forward(x, logits, out=out, path=cand.path, variants=variants)
 
-                scores[cand] += float(np.median(time_graph(calls, len(sets), stream, REPLAYS)))
+                scores[cand] += float(np.median(time_graph(calls, len(sets), stream, REPLAYS, budget_s=GRAPH_BUDGET_S)))
                 bar.update(1)
         if not scores:
             raise RuntimeError(f"tune: no candidate passed the reference check at bucket {bucket}: {rejected}")
