@@ -96,6 +96,7 @@ class MoeBlock(nn.Module):
             raise TypeError(f"router_weight has dtype {weight.dtype}: give float weights")
         self.layer = layer
         self.spec: "MoeSpec" = spec
+        self.hidden_size = spec.hidden_size  # a plain int: what torch.compile specialises on
         self.register_buffer("router_weight", weight.to(device=_device(layer), dtype=torch.float32).contiguous(),
                              persistent=False)
         self.handle = register_layer(layer)
@@ -126,15 +127,14 @@ class MoeBlock(nn.Module):
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] logits of hidden_states [..., H] flattened to [T, H]."""
-        x = hidden_states.reshape(-1, self.spec.hidden_size)
+        x = hidden_states.reshape(-1, self.hidden_size)
         return F.linear(x.float(), self.router_weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
-        if shape[-1] != self.spec.hidden_size:
-            raise ValueError(f"hidden_states has shape {tuple(shape)}; spec {self.spec.name} needs [..., "
-                             f"{self.spec.hidden_size}]")
-        x = hidden_states.reshape(-1, self.spec.hidden_size)
+        if shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states has shape {tuple(shape)}; this block needs [..., {self.hidden_size}]")
+        x = hidden_states.reshape(-1, self.hidden_size)
         out = torch.ops.ferrum_gen.moe_forward(x, self.router_logits(x), self.handle)
         return out.reshape(shape)
 
