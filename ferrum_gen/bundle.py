@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .compile import KernelCache, compile_many, compiler_version, write_atomic
+from .compile import KernelCache, compile_many, compiler_version, require_cupy, write_atomic
 from .render import MANIFEST, build_manifest, render_spec, write_bundle
 from .settings import get_settings
 from .spec import MoeSpec
@@ -31,7 +31,7 @@ class BundleError(ValueError):
 
 
 def device_arch(device_id: int | None = None) -> str:
-    import cupy
+    cupy = require_cupy("finding the GPU's arch")
 
     dev = cupy.cuda.Device(device_id) if device_id is not None else cupy.cuda.Device()
     return f"sm_{dev.compute_capability}"
@@ -48,6 +48,7 @@ def _check_arch(spec: MoeSpec, arch: str) -> None:
 def build_bundle(spec: MoeSpec, out_root: Path, arch: str) -> Path:
     """Generate (or refresh) <out_root>/<spec>/ and compile every kernel for `arch` into it."""
     _check_arch(spec, arch)
+    compiler_version()  # fails here, before anything is written, when there is no NVRTC
     bundle = write_bundle(spec, out_root)
     manifest = json.loads((bundle / MANIFEST).read_text())
     target = bundle / "cubin" / arch
@@ -111,7 +112,7 @@ class KernelBundle:
     """Every kernel of one spec, loaded on the current CUDA device."""
 
     def __init__(self, spec: MoeSpec, manifest: dict, cubins: dict[str, bytes], arch: str):
-        import cupy
+        cupy = require_cupy("loading kernels")
 
         self.spec = spec
         self.manifest = manifest

@@ -22,15 +22,25 @@ class CompileError(RuntimeError):
     """NVRTC rejected a generated source; the message carries the compiler log."""
 
 
-def _nvrtc():
+INSTALL_CUPY = "install ferrum-gen[cuda12] or [cuda13] (CuPy for a CUDA 12 or a CUDA 13 driver; see README, Install)"
+
+
+class CupyMissingError(CompileError):
+    """CuPy (with NVRTC) is not importable: nothing can be compiled or run on a GPU."""
+
+
+def require_cupy(what: str, module: str = "cupy"):
+    """Imports `module` (cupy, or a part of it), or raises CupyMissingError saying what to install."""
+    import importlib
+
     try:
-        from cupy_backends.cuda.libs import nvrtc
-    except ImportError as err:  # pragma: no cover - depends on the machine
-        raise CompileError(
-            "compiling kernels needs CuPy with NVRTC (pip install 'ferrum-gen[gpu]'); "
-            "alternatively load a bundle prebuilt with `ferrum-gen build`"
-        ) from err
-    return nvrtc
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise CupyMissingError(f"{what} needs CuPy, which cannot be imported here ({err}): {INSTALL_CUPY}") from None
+
+
+def _nvrtc():
+    return require_cupy("compiling kernels (NVRTC)", "cupy_backends.cuda.libs.nvrtc")
 
 
 def compiler_version() -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "quant_types_by_layer",
     "describe_quant_layers",
     "expert_tensor_name",
+    "default_spec_name",
+    "check_spec_name",
 ]
 
 PROJECTIONS = ("gate", "up", "down")
@@ -480,6 +482,29 @@ def _sanitize_name(raw: str) -> str:
     return s[:64].rstrip("_") or "model"
 
 
+def default_spec_name(arch: str, spec_shape: str, quant: tuple[QuantType, QuantType, QuantType],
+                      activation_dtype: ActivationDtype) -> str:
+    """The name spec_from_gguf gives a spec: architecture, shape and quant mix, so that the
+    bundles of two models, or of two quant mixes of one model, never share a directory.
+
+    e.g. qwen3moe_h2048_i768_e128_k8_q4_k_q4_k_q6_k (bf16 activations; other dtypes add _f16/_f32).
+    """
+    dtype = "" if activation_dtype is ActivationDtype.BF16 else f"_{activation_dtype.value}"
+    tail = f"_{spec_shape}_{'_'.join(q.value for q in quant)}{dtype}"
+    # the architecture gives way first: the shape and quant part is what keeps names apart
+    return _sanitize_name(arch)[: 64 - len(tail)].rstrip("_") + tail
+
+
+def check_spec_name(name: object, what: str = "name") -> str:
+    """`name` when it is a valid spec name, else a SpecError that blames `what` (an argument or a CLI flag)."""
+    if not isinstance(name, str):
+        raise SpecError(f"{what} is {name!r}: give a string such as 'my_model'")
+    try:
+        return MoeSpec._name(name)
+    except ValueError as err:
+        raise SpecError(f"{what}: {err}") from None
+
+
 def spec_from_gguf(
     path: PathOrReader,
     layer: int | None = None,
@@ -492,8 +517,12 @@ def spec_from_gguf(
     Sizes come from the metadata, quant types from the tensors of `layer` (default: the
     first layer with all three expert tensors), and the sizes are cross-checked against
     those tensors' shapes. When layers differ in quant types, a MixedQuantWarning says
-    which layers the spec fits; :func:`quant_types_by_layer` lists them all.
+    which layers the spec fits; :func:`quant_types_by_layer` lists them all. The spec is
+    named by :func:`default_spec_name` unless `name` is given.
     """
+    if name is not None:
+        check_spec_name(name)
+    activation_dtype = ActivationDtype(activation_dtype)
     reader = _reader(path)
     fname = _file_name(reader)
 
@@ -578,7 +607,8 @@ def spec_from_gguf(
 
     model = _get_str(reader, "general.name") or ""
     data = {
-        "name": name if name is not None else _sanitize_name(arch),
+        "name": name if name is not None else default_spec_name(
+            arch, f"h{hidden}_i{inter}_e{num_experts}_k{top_k}", triple, activation_dtype),
         "model": model,
         "hidden_size": hidden,
         "intermediate_size": inter,
@@ -586,7 +616,7 @@ def spec_from_gguf(
         "top_k": top_k,
         "norm_topk_prob": _NORM_TOPK_PROB[arch],
         "quant": dict(zip(PROJECTIONS, (q.value for q in triple))),
-        "activation_dtype": ActivationDtype(activation_dtype).value,
+        "activation_dtype": activation_dtype.value,
     }
     try:
         spec = spec_from_dict(data, source=f"from GGUF file {fname!r} layer {layer}")
@@ -600,7 +630,8 @@ def spec_from_gguf(
             MixedQuantWarning(
                 f"GGUF file {fname!r} mixes quant types across layers: {describe_quant_layers(by_layer)}. "
                 f"The spec describes layer {layer} and fits {_layers_phrase(fits)} only; "
-                "generate one spec per mix (spec_from_gguf(..., layer=N)) for the others"
+                "for the others, run `ferrum-gen spec-from-gguf FILE --layer N` once per mix, N a layer "
+                "of that mix (each spec is named after its mix unless you give `--name`)"
             ),
             stacklevel=2,
         )

@@ -85,13 +85,17 @@ def write_moe_gguf(
     model_name: str | None = None,
     omit_keys: Iterable[str] = (),
     with_router: bool = True,
+    router_dtype: str = "f32",
 ) -> dict[int, dict[str, np.ndarray]]:
     """Writes a small MoE GGUF file and returns the arrays written, per layer and projection.
 
     For each layer N (one entry of `quant_by_layer`, a (gate, up, down) triple):
     blk.N.ffn_{gate,up,down}_exps.weight with ggml ne = {H, I, E} (gate/up) and {I, H, E}
-    (down), i.e. numpy byte shape (E, rows, row_bytes), plus (with_router) a small f32
-    router blk.N.ffn_gate_inp.weight that readers must ignore. Metadata: general.architecture,
+    (down), i.e. numpy byte shape (E, rows, row_bytes), plus (with_router) the router
+    blk.N.ffn_gate_inp.weight, ggml ne = {H, E} (numpy (E, H)) in `router_dtype` ('f32', as
+    converters write it, or 'f16'), with weights of std 2/sqrt(H) so that unit-variance hidden
+    states give logits of std about 2. The expert readers ignore it; ferrum_gen.torch.MoeBlock
+    uses it. Returned per layer under 'router' (the array written). Metadata: general.architecture,
     general.name (model_name), and the {arch}.* keys spec_from_gguf reads, minus `omit_keys`
     (full key names, e.g. 'qwen3moe.expert_used_count').
 
@@ -102,6 +106,8 @@ def write_moe_gguf(
     """
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer is {quantizer!r}: use one of {', '.join(QUANTIZERS)}")
+    if router_dtype not in ("f32", "f16"):
+        raise ValueError(f"router_dtype is {router_dtype!r}: use 'f32' or 'f16'")
     if not quant_by_layer:
         raise ValueError("quant_by_layer is empty: give one (gate, up, down) triple per layer")
     omit = set(omit_keys)
@@ -118,10 +124,13 @@ def write_moe_gguf(
     for layer, triple in enumerate(quant_by_layer):
         if len(triple) != 3:
             raise ValueError(f"quant_by_layer[{layer}] is {triple!r}: give a (gate, up, down) triple")
-        if with_router:
-            router = rng.standard_normal((num_experts, hidden_size), dtype=np.float32)
-            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router)
         written[layer] = {}
+        if with_router:
+            router = rng.standard_normal((num_experts, hidden_size), dtype=np.float32) * np.float32(
+                2.0 / np.sqrt(hidden_size))
+            router = router.astype(np.float16) if router_dtype == "f16" else router
+            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router)
+            written[layer]["router"] = router
         for proj, q in zip(("gate", "up", "down"), triple):
             t = ggml_type(q)
             rows, in_dim = (hidden_size, intermediate_size) if proj == "down" else (intermediate_size, hidden_size)

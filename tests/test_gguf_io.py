@@ -178,7 +178,7 @@ def test_spec_from_gguf_per_architecture(tmp_path, arch, norm):
     path = tmp_path / f"{arch}.gguf"
     _write(path, arch=arch, quant_by_layer=[(Q4, Q4, Q4), (Q4, Q4, Q4)], model_name="Some Model-8x1B")
     spec = spec_from_gguf(path)
-    assert spec.name == arch
+    assert spec.name == f"{arch}_h{H}_i{I}_e{E}_k{K}_q4_k_q4_k_q4_k"
     assert spec.model == "Some Model-8x1B"
     assert (spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k) == (H, I, E, K)
     assert spec.norm_topk_prob is norm
