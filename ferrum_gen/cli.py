@@ -7,16 +7,26 @@ import sys
 import warnings
 from pathlib import Path
 
+from .compile import CompileError
 from .spec import load_spec, shipped_spec_names, spec_to_yaml
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .render import write_bundle
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {args.out} is not a directory: give the directory that holds (or will hold) the bundles")
+    return out
 
-    names = shipped_spec_names() if args.all else [args.spec]
-    for name in names:
-        spec = load_spec(name)
-        bundle = write_bundle(spec, Path(args.out))
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .render import previous_bundle_files, write_bundle
+
+    out = _out_dir(args)
+    specs = [load_spec(name) for name in (shipped_spec_names() if args.all else [args.spec])]
+    for spec in specs:  # every directory is checked before any is written
+        previous_bundle_files(spec, out, args.force)
+    for spec in specs:
+        bundle = write_bundle(spec, out, force=args.force)
         count = len(list(bundle.glob("*.cu")))
         print(f"{spec.name}: {count} kernels -> {bundle}")
     return 0
@@ -69,7 +79,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .bundle import build_bundle
 
     spec = load_spec(args.spec)
-    out = build_bundle(spec, Path(args.out), args.arch)
+    out = build_bundle(spec, _out_dir(args), args.arch, force=args.force)
     print(f"{spec.name}: cubins for {args.arch} -> {out}")
     return 0
 
@@ -84,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         group.add_argument("--all", action="store_true", help="every shipped spec")
         p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
 
+    force_help = "replace a bundle directory that holds another spec's bundle (by spec hash)"
     p = sub.add_parser("generate", help="render a spec's kernels into <out>/<spec>/")
     spec_args(p)
+    p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("check", help="fail if the bundles on disk differ from a fresh generation")
@@ -103,15 +115,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="a spec YAML file or shipped spec name")
     p.add_argument("--arch", required=True, help="e.g. sm_90")
     p.add_argument("--out", default="generated", help="bundle root directory (default: generated)")
+    p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(func=_cmd_build)
 
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
-        # SpecError, GgufError, SettingsError and BundleError are all ValueErrors with messages for people
+    except (ValueError, CompileError) as err:
+        # SpecError, GgufError, SettingsError, BundleError and OutputDirError are ValueErrors with messages for people
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"ferrum-gen: error: {_os_error_text(err)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_text(err: OSError) -> str:
+    if err.strerror is None:  # raised here with a message of our own
+        return str(err)
+    where = " -> ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
+    return (
+        f"{where + ': ' if where else ''}{err.strerror}: check that the path exists, is a directory where one "
+        "is needed, and that you may write there"
+    )
 
 
 if __name__ == "__main__":
