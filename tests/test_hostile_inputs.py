@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import yaml
 
-from ferrum_gen import spec as fspec
 from ferrum_gen.cli import main
 from ferrum_gen.gguf_io import GgufError, open_gguf, spec_from_gguf
 from ferrum_gen.spec import MAX_DIM, MAX_SPEC_BYTES, QuantType, SpecError, load_spec, spec_from_dict
