@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .compile import CompileError
 from .spec import load_spec, shipped_spec_names, spec_to_yaml
 
 DESCRIPTION = """\
@@ -27,13 +28,22 @@ docs: README.md, docs/getting-started.md"""
 DEFAULT_OUT = "generated"
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .render import write_bundle
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {args.out} is not a directory: give the directory that holds (or will hold) the bundles")
+    return out
 
-    names = shipped_spec_names() if args.all else [args.spec]
-    for name in names:
-        spec = load_spec(name)
-        bundle = write_bundle(spec, Path(args.out))
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .render import previous_bundle_files, write_bundle
+
+    out = _out_dir(args)
+    specs = [load_spec(name) for name in (shipped_spec_names() if args.all else [args.spec])]
+    for spec in specs:  # every directory is checked before any is written
+        previous_bundle_files(spec, out, args.force)
+    for spec in specs:
+        bundle = write_bundle(spec, out, force=args.force)
         count = len(list(bundle.glob("*.cu")))
         print(f"{spec.name}: {count} kernels -> {bundle}")
     return 0
@@ -98,7 +108,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .bundle import build_bundle
 
     spec = load_spec(args.spec)
-    out = build_bundle(spec, Path(args.out), args.arch)
+    out = build_bundle(spec, _out_dir(args), args.arch, force=args.force)
     print(f"{spec.name}: cubins for {args.arch} -> {out}")
     return 0
 
@@ -117,7 +127,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     buckets = tuple(args.buckets) if args.buckets else None
     kwargs = {"buckets": buckets} if buckets else {}
-    table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations, **kwargs)
+    routings = ("uniform", "skewed") if args.routing == "both" else (args.routing,)
+    table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations, routings=routings,
+                       **kwargs)
     print(describe(table))
     done = "complete" if table.meta.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
     print(f"{spec.name}: tuning table for {table.gpu} -> {path} ({done}, {table.meta.get('elapsed_s')} s)")
@@ -216,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         group.add_argument("--all", action="store_true", help="every shipped spec")
         p.add_argument("--out", default=DEFAULT_OUT, help=f"bundle root directory (default: {DEFAULT_OUT})")
 
+    force_help = "replace a bundle directory that holds another spec's bundle (by spec hash)"
     p = sub.add_parser("generate", help="render a spec's kernels into <out>/<spec>/")
     spec_args(p)
+    p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("check", help="fail if the bundles on disk differ from a fresh generation")
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="a spec YAML file or shipped spec name")
     p.add_argument("--arch", required=True, help="the GPU arch to compile for: sm_80, sm_86, sm_89 or sm_90")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"bundle root directory (default: {DEFAULT_OUT})")
+    p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("tune", help="time every kernel variant per token-count bucket on this GPU and write "
@@ -250,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="distinct input sets per timed graph, so weights are not served from L2 (default: 8)")
     p.add_argument("--buckets", type=int, nargs="+", default=None,
                    help="token-count buckets to tune (default: powers of two from 1 to 4096)")
+    p.add_argument("--routing", default="both", choices=["uniform", "skewed", "both"],
+                   help="routings each candidate is timed under; the score sums them (default: both)")
     p.set_defaults(func=_cmd_tune)
     from . import bench
 
@@ -312,10 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
-        # SpecError, GgufError, SettingsError and BundleError are all ValueErrors with messages for people
+    except (ValueError, CompileError) as err:
+        # SpecError, GgufError, SettingsError, BundleError and OutputDirError are ValueErrors with messages for people
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"ferrum-gen: error: {_os_error_text(err)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_text(err: OSError) -> str:
+    if err.strerror is None:  # raised here with a message of our own
+        return str(err)
+    where = " -> ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
+    return (
+        f"{where + ': ' if where else ''}{err.strerror}: check that the path exists, is a directory where one "
+        "is needed, and that you may write there"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ A cache entry is keyed by sha256 of (source, options, arch, compiler version) an
 stored as <uri>-<key>.cubin: 32 bytes of sha256(cubin) followed by the cubin, written
 to a temporary file and renamed into place, so concurrent builds of the same kernel
 never leave a torn file. An entry whose checksum does not match is deleted and rebuilt.
+
+A cubin from the cache runs in the caller's CUDA context, and entry names are predictable,
+so the cache trusts only what its user alone can write: the directory is created 0700, and
+a directory or entry that another user owns, or that group or others may write, is not
+used (a CacheWarning says why, and the kernels are compiled instead). The cache is an
+optimisation: a failure to read or store an entry is a miss or a warning, never an error.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
+import secrets
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 
 class CompileError(RuntimeError):
     """NVRTC rejected a generated source; the message carries the compiler log."""
+
+
+class CacheWarning(UserWarning):
+    """The compile cache could not be used as a whole or in part; kernels were compiled instead."""
 
 
 INSTALL_CUPY = "install ferrum-gen[cuda12] or [cuda13] (CuPy for a CUDA 12 or a CUDA 13 driver; see README, Install)"
@@ -117,9 +129,15 @@ def cache_key(source: str, arch: str, compiler: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write `data` to `path` through a temporary file renamed into place.
+
+    The file is created with `mode` filtered by the umask, as open() would create it
+    (tempfile.mkstemp would always give 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.parent / f"{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -127,9 +145,21 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _untrusted(st: os.stat_result) -> str | None:
+    """Why a cache directory or entry with this stat may hold someone else's code, or None."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"group or others may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+ENTRY_MODE = 0o644
+"""Cache entries are never group- or other-writable, whatever the umask allows."""
 
 
 @dataclass(frozen=True)
@@ -139,29 +169,84 @@ class KernelCache:
     def entry(self, uri: str, key: str) -> Path:
         return self.root / f"{uri}-{key[:40]}.cubin"
 
-    def load(self, path: Path) -> bytes | None:
-        """The cubin of an entry, or None when it is missing or corrupt (a corrupt one is removed)."""
+    def open_root(self) -> str | None:
+        """Create the directory (0700) if needed; None when it can be trusted, else why not."""
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(self.root)
+        except OSError as err:
+            return f"it cannot be created or read ({err.strerror or err})"
+        if not stat.S_ISDIR(st.st_mode):
+            return "it is not a directory"
+        return _untrusted(st)
+
+    def load(self, path: Path) -> bytes | None:
+        """The cubin of an entry, or None when it is missing, unreadable, untrusted or corrupt
+        (a corrupt one is removed)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:  # missing, a symlink, unreadable: all a miss
             return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            why = _untrusted(st)
+            if why is not None:
+                warnings.warn(CacheWarning(f"compile cache entry {path} is not used: {why}; recompiling"),
+                              stacklevel=2)
+                return None
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                raw = f.read()
+        except OSError:
+            return None
+        finally:
+            if fd >= 0:
+                os.close(fd)
         digest, cubin = raw[:32], raw[32:]
         if len(raw) <= 32 or hashlib.sha256(cubin).digest() != digest:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # it is rewritten below, or stays a miss
             return None
         return cubin
 
     def store(self, path: Path, cubin: bytes) -> None:
-        write_atomic(path, hashlib.sha256(cubin).digest() + cubin)
+        write_atomic(path, hashlib.sha256(cubin).digest() + cubin, mode=ENTRY_MODE)
 
     def get_or_compile(self, sources: dict[str, str], arch: str, workers: int | None = None) -> dict[str, bytes]:
         """uri -> cubin for every source; misses are compiled in parallel worker processes."""
         compiler = compiler_version()
+        why_not = self.open_root()
+        if why_not is not None:
+            warnings.warn(
+                CacheWarning(
+                    f"compile cache {self.root} is not used: {why_not}; compiling every kernel. Point "
+                    f"FERRUM_GEN_CACHE at a directory only you can write to (e.g. `chmod 700 {self.root}`)"
+                ),
+                stacklevel=2,
+            )
+            return compile_many(sources, arch, workers)
         paths = {uri: self.entry(uri, cache_key(src, arch, compiler)) for uri, src in sources.items()}
         cubins = {uri: self.load(path) for uri, path in paths.items()}
         missing = [uri for uri, c in cubins.items() if c is None]
         built = compile_many({uri: sources[uri] for uri in missing}, arch, workers)
+        failed: list[str] = []
         for uri, cubin in built.items():
-            self.store(paths[uri], cubin)
             cubins[uri] = cubin
+            try:
+                self.store(paths[uri], cubin)
+            except OSError as err:
+                failed.append(f"{paths[uri].name} ({err.strerror or err})")
+        if failed:
+            warnings.warn(
+                CacheWarning(
+                    f"compile cache {self.root}: {len(failed)} entr{'y' if len(failed) == 1 else 'ies'} could not be "
+                    f"stored, e.g. {failed[0]}; the kernels compiled and are used, but will be compiled again "
+                    "next time"
+                ),
+                stacklevel=2,
+            )
         return cubins  # type: ignore[return-value]

@@ -60,7 +60,10 @@ expert tensors with {arch}.feed_forward_length."""
 
 _QUANT_BY_GGML = {GGMLQuantizationType(v): qt for qt, v in GGML_TYPE_ID.items()}
 
-_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_EXPERT_RE = re.compile(r"blk\.(0|[1-9][0-9]*)\.ffn_(gate|up|down)_exps\.weight")
+"""llama.cpp writes layer numbers in plain ASCII decimal; `\\d` would also take other scripts' digits."""
+
+_EXPERT_LIKE_RE = re.compile(r"blk\.([^.]*)\.ffn_(gate|up|down)_exps\.weight")
 
 _INT_TYPES = {
     GGUFValueType.UINT8,
@@ -154,6 +157,11 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
         raise GgufError(f"GGUF file {str(p)!r} does not exist: check the path")
     if p.is_dir():
         raise GgufError(f"GGUF file {str(p)!r} is a directory: give the path of a .gguf file")
+    if not p.is_file():
+        # Opening a FIFO would wait for a writer forever; a device or socket is no model file either.
+        raise GgufError(
+            f"GGUF file {str(p)!r} is not a regular file (a FIFO, device or socket): give the path of a .gguf file"
+        )
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
@@ -208,7 +216,13 @@ def _get_str(reader: GGUFReader, key: str) -> str | None:
             f"GGUF file {_file_name(reader)!r}: metadata key {key!r} should be a string, "
             f"it is {'/'.join(t.name for t in field.types)}: the file is corrupt or was written by a broken converter"
         )
-    return str(field.contents())
+    try:
+        return str(field.contents())
+    except UnicodeDecodeError as err:
+        raise GgufError(
+            f"GGUF file {_file_name(reader)!r}: metadata key {key!r} is not valid UTF-8 ({err.reason} at byte "
+            f"{err.start}): the file is corrupt or was written by a broken converter; re-convert it"
+        ) from None
 
 
 def _get_int(reader: GGUFReader, key: str, layer: int | None = None) -> int | None:
@@ -268,9 +282,16 @@ def _expert_tensor_types(reader: GGUFReader) -> dict[int, dict[str, GGMLQuantiza
     """layer -> {proj: ggml type} for every expert tensor in the file (complete layers or not)."""
     out: dict[int, dict[str, GGMLQuantizationType]] = {}
     for t in reader.tensors:
-        m = _EXPERT_RE.match(t.name)
+        m = _EXPERT_RE.fullmatch(t.name)
         if m:
             out.setdefault(int(m.group(1)), {})[m.group(2)] = GGMLQuantizationType(t.tensor_type)
+        elif _EXPERT_LIKE_RE.fullmatch(t.name):
+            raise GgufError(
+                f"GGUF file {_file_name(reader)!r}: tensor {t.name[:120]!r} names its layer "
+                f"{_EXPERT_LIKE_RE.fullmatch(t.name).group(1)[:40]!r}, not a plain decimal number without leading "
+                "zeros as llama.cpp writes it (blk.N.ffn_*_exps.weight): the file was written by a broken converter; "
+                "re-convert it"
+            )
     return dict(sorted(out.items()))
 
 

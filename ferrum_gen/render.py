@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +113,81 @@ def bundle_files(spec: MoeSpec) -> dict[str, str]:
     return files
 
 
-def write_bundle(spec: MoeSpec, out_root: Path) -> Path:
-    """Write <out_root>/<spec.name>/; stale .cu files from an earlier generation are removed."""
+class OutputDirError(ValueError):
+    """A directory `generate` must not write into as asked; the message names it and the way out."""
+
+
+def _is_plain_file_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def previous_bundle_files(spec: MoeSpec, out_root: Path, force: bool = False) -> set[str]:
+    """The files an earlier generation wrote into <out_root>/<spec.name>/, which may be replaced or removed.
+
+    Reads only; raises OutputDirError when the directory is not one `generate` may write:
+    something other than a directory, a non-empty directory that no ferrum-gen manifest
+    describes (its files are someone else's), or the bundle of another spec (unless `force`).
+    """
     bundle = Path(out_root) / spec.name
-    bundle.mkdir(parents=True, exist_ok=True)
+    if not bundle.exists() and not bundle.is_symlink():
+        return set()
+    if not bundle.is_dir():
+        raise OutputDirError(
+            f"{bundle} exists and is not a directory: the bundle of spec {spec.name!r} goes there; "
+            "move it away or give another --out"
+        )
+    manifest_path = bundle / MANIFEST
+    if not manifest_path.exists():
+        entries = sorted(p.name for p in bundle.iterdir())
+        if not entries:
+            return set()
+        raise OutputDirError(
+            f"{bundle} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and has no ferrum-gen "
+            f"{MANIFEST}, so its files are not ferrum-gen's to replace: give another --out, or rename the spec "
+            "so that its bundle gets a directory of its own"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        listed = [k["file"] for k in manifest["kernels"]] if manifest.get("generator") == "ferrum-gen" else None
+        old_hash, old_name = str(manifest.get("spec_hash")), str(manifest.get("spec_name"))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        listed = None
+    if listed is None:
+        raise OutputDirError(
+            f"{manifest_path} is not a ferrum-gen manifest (unreadable, or not written by ferrum-gen), so the "
+            f"files in {bundle} are not ferrum-gen's to replace: give another --out, or, if it is a damaged "
+            "bundle, delete the directory and generate again"
+        )
+    if old_hash != spec.spec_hash() and not force:
+        raise OutputDirError(
+            f"{bundle} holds the bundle of spec {old_name[:80]!r} (spec hash {old_hash[:12]}), not of spec "
+            f"{spec.name!r} (spec hash {spec.spec_hash()[:12]}): generating would replace its files. "
+            "Give the spec another name or use another --out, or pass --force to replace that bundle"
+        )
+    return {MANIFEST} | {name for name in listed if _is_plain_file_name(name)}
+
+
+def write_bundle(spec: MoeSpec, out_root: Path, force: bool = False) -> Path:
+    """Write <out_root>/<spec.name>/.
+
+    Only files that the directory's previous ferrum-gen manifest lists are ever replaced or
+    removed (kernels that are no longer generated); a directory without one must be empty,
+    and one holding another spec's bundle is replaced only with `force`.
+    """
+    bundle = Path(out_root) / spec.name
     files = bundle_files(spec)
-    for stale in bundle.glob("*.cu"):
-        if stale.name not in files:
-            stale.unlink()
-    for name, text in files.items():
-        path = bundle / name
-        if not path.exists() or path.read_text() != text:
-            write_atomic(path, text.encode())
+    previous = previous_bundle_files(spec, out_root, force)
+    created = not bundle.exists()
+    bundle.mkdir(parents=True, exist_ok=True)
+    try:
+        for stale in sorted(previous - set(files)):
+            (bundle / stale).unlink(missing_ok=True)
+        for name, text in files.items():
+            path = bundle / name
+            if not path.is_file() or path.read_text() != text:
+                write_atomic(path, text.encode())
+    except BaseException:
+        if created:  # a half-written new bundle is worse than none
+            shutil.rmtree(bundle, ignore_errors=True)
+        raise
     return bundle

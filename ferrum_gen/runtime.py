@@ -221,7 +221,7 @@ class MoeLayer:
         if isinstance(tuning_table, tuning.TuningTable):
             table = tuning_table
         elif tuning_table == "auto":
-            search = [d for d in (getattr(self.bundle, "bundle_dir", None), REPO_GENERATED / self.spec.name) if d]
+            search = [d for d in (self.bundle.bundle_dir, REPO_GENERATED / self.spec.name) if d]
             return tuning.find_table(self.spec, self.gpu_name, search)
         else:
             table = tuning.TuningTable.load(Path(tuning_table))

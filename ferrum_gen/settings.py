@@ -2,18 +2,20 @@
 
 | variable | meaning | default |
 |---|---|---|
-| FERRUM_GEN_CACHE | directory of compiled-kernel cache entries | $XDG_CACHE_HOME/ferrum-gen (~/.cache/ferrum-gen) |
+| FERRUM_GEN_CACHE | directory of compiled-kernel cache entries; a relative path is made absolute against the working directory when the settings are read (once per process) | $XDG_CACHE_HOME/ferrum-gen (~/.cache/ferrum-gen) |
 | FERRUM_MOE_BLOCK_SIZE | prefill block size override; must be one of the spec's prefill.block_sizes | unset: the padding rule picks |
 | FERRUM_MOE_HOST_ROUTE | 1: route in numpy on the host and upload the plan (debugging; synchronises) | 0 |
 | FERRUM_MOE_PROFILE | 1: time each phase with CUDA events and keep a table (synchronises) | 0 |
 
 A malformed value raises SettingsError naming the variable; nothing falls back silently.
+Numbers are ASCII digits only (no sign, spaces, '_' or other scripts' digits), flags exactly 0 or 1.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +38,13 @@ def _block_size(env: Mapping[str, str], name: str) -> int | None:
     raw = env.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: set it to a block size such as 16, 32 or 64, or unset it") from None
+    # int() would also take ' 32 ', '+32', '3_2' and non-ASCII digits: one strict rule instead.
+    if not re.fullmatch(r"[0-9]{1,6}", raw):
+        raise SettingsError(
+            f"{name}={raw!r}: set it to a block size written in ASCII digits, such as 16, 32 or 64, or unset it"
+            + ("; a negative size is not a block size, use a positive multiple of 16" if raw.startswith("-") else "")
+        )
+    value = int(raw)
     if value <= 0 or value % 16:
         raise SettingsError(f"{name}={raw!r}: a block size is a positive multiple of 16 (16, 32, 64, ...)")
     return value
@@ -47,22 +52,46 @@ def _block_size(env: Mapping[str, str], name: str) -> int | None:
 
 def _cache_dir(env: Mapping[str, str], name: str) -> Path:
     raw = env.get(name)
-    if raw:
+    if not raw:
+        base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base).absolute() / "ferrum-gen"
+    try:
         path = Path(raw).expanduser()
-        if path.exists() and not path.is_dir():
+    except RuntimeError:  # ~user of a user that does not exist
+        raise SettingsError(f"{name}={raw!r}: {raw.split('/')[0]!r} names no user's home; write the path out") from None
+    # Resolved once, here: a later chdir must not move the cache.
+    path = path.absolute()
+    if path.is_symlink() and not path.exists():
+        raise SettingsError(
+            f"{name}={raw!r} is a symbolic link to {os.readlink(path)!r}, which does not exist: "
+            "create the target directory or point the variable at a directory"
+        )
+    if path.exists():
+        if not path.is_dir():
             raise SettingsError(f"{name}={raw!r} exists and is not a directory: point it at a directory")
-        for parent in path.parents:
-            # The directory is created on first use; that cannot work below a file.
-            if parent.exists():
-                if not parent.is_dir():
-                    raise SettingsError(
-                        f"{name}={raw!r}: {str(parent)!r} is a file, so the directory cannot be created "
-                        "there; point it at a directory"
-                    )
-                break
         return path
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ferrum-gen"
+    for parent in path.parents:
+        # The directory is created on first use; that needs the nearest existing ancestor to be a
+        # directory that can take a new entry. A pseudo-filesystem like /proc has no write bits at
+        # all (root's access() would still say yes).
+        if parent.is_symlink() and not parent.exists():
+            raise SettingsError(
+                f"{name}={raw!r}: {str(parent)!r} is a symbolic link to a missing target, so the directory "
+                "cannot be created there; point it at a directory"
+            )
+        if parent.exists():
+            if not parent.is_dir():
+                raise SettingsError(
+                    f"{name}={raw!r}: {str(parent)!r} is a file, so the directory cannot be created "
+                    "there; point it at a directory"
+                )
+            if not (os.access(parent, os.W_OK | os.X_OK) and parent.stat().st_mode & 0o222):
+                raise SettingsError(
+                    f"{name}={raw!r}: {str(parent)!r} is not writable, so the directory cannot be created "
+                    "there; point it at a directory you can write to"
+                )
+            break
+    return path
 
 
 @dataclass(frozen=True)

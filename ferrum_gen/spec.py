@@ -11,12 +11,13 @@ import hashlib
 import io
 import json
 import re
+import reprlib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from .quant import QK_K, QuantType
 
@@ -29,6 +30,21 @@ MAX_EXPERTS = 1024
 
 MAX_TOP_K = 32
 """The router keeps the chosen experts in registers across one warp."""
+
+MAX_DIM = 65536
+"""The largest hidden_size and intermediate_size: the kernels index within one row, one
+column tile and one token's activations with 32-bit ints, and a row's byte count
+(MAX_DIM / 256 super-blocks x 210 bytes for q6_k) and every per-expert row count must stay
+far below 2**31 for that. Sizes beyond this also overflow the launch-geometry arithmetic."""
+
+MAX_SPEC_BYTES = 64 * 1024
+"""A spec file is a few hundred bytes; anything this large is not a spec."""
+
+MAX_SPEC_DEPTH = 16
+"""A spec nests three levels deep; deeper YAML is refused before it is built."""
+
+MAX_REPR = 120
+"""Characters of an offending value quoted in an error message."""
 
 
 class ActivationDtype(str, Enum):
@@ -49,6 +65,22 @@ class SpecError(ValueError):
 
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_REPR
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to about MAX_REPR characters: a message never quotes a whole hostile input."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # e.g. an integer nested in a container, too long to print
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 2 * MAX_REPR else text[: 2 * MAX_REPR] + "..."
 
 
 def _reject_bool(v: Any, where: str) -> Any:
@@ -73,16 +105,17 @@ class PrefillConfig(BaseModel):
 
     model_config = _FROZEN
 
-    block_sizes: tuple[int, ...] = Field(
+    block_sizes: tuple[StrictInt, ...] = Field(
         default=(16, 32, 64),
         description="candidate rows per aligned expert block; one GEMM kernel is generated per size",
     )
     padding_budget: float = Field(
         default=1.30,
+        strict=True,
         description="the largest block size whose padded pair count stays within budget x real count wins",
     )
-    gate_up_tile_n: int = Field(default=32, description="intermediate columns per gate+up GEMM tile")
-    down_tile_n: int = Field(default=64, description="hidden columns per down GEMM tile")
+    gate_up_tile_n: StrictInt = Field(default=32, description="intermediate columns per gate+up GEMM tile")
+    down_tile_n: StrictInt = Field(default=64, description="hidden columns per down GEMM tile")
 
     @field_validator("padding_budget", "gate_up_tile_n", "down_tile_n", mode="before")
     @classmethod
@@ -105,7 +138,7 @@ class PrefillConfig(BaseModel):
         for bs in v:
             if bs <= 0 or bs % 16 or bs > 128:
                 raise ValueError(
-                    f"prefill.block_sizes has {bs}: each size must be a multiple of 16 "
+                    f"prefill.block_sizes has {_short(bs)}: each size must be a multiple of 16 "
                     "(one tensor-core tile) between 16 and 128, i.e. one of 16, 32, 48, ..., 128"
                 )
         if len(set(v)) != len(v):
@@ -120,7 +153,7 @@ class PrefillConfig(BaseModel):
     def _budget(cls, v: float) -> float:
         if not (1.0 <= v <= 4.0):
             raise ValueError(
-                f"prefill.padding_budget is {v}: it is a ratio of padded to real pairs, "
+                f"prefill.padding_budget is {_short(v)}: it is a ratio of padded to real pairs, "
                 "use a value between 1.0 and 4.0 (the seed uses 1.30)"
             )
         return v
@@ -130,7 +163,7 @@ class PrefillConfig(BaseModel):
     def _tile(cls, v: int, info: Any) -> int:
         if v <= 0 or v % 32:
             raise ValueError(
-                f"prefill.{info.field_name} is {v}: use a positive multiple of 32 "
+                f"prefill.{info.field_name} is {_short(v)}: use a positive multiple of 32 "
                 "(four warps, one 8-wide tensor-core tile each)"
             )
         return v
@@ -213,14 +246,14 @@ class MoeSpec(BaseModel):
 
     name: str = Field(description="bundle name: generated/<name>/; lower-case letters, digits, _")
     model: str = Field(default="", description="the model this spec describes, for people")
-    hidden_size: int = Field(description="H: the model's embedding length")
-    intermediate_size: int = Field(description="I: one expert's feed-forward length")
-    num_experts: int = Field(description="E: experts per layer")
-    top_k: int = Field(description="k: experts used per token")
-    norm_topk_prob: bool = Field(description="renormalise the top-k probabilities to sum to 1")
+    hidden_size: StrictInt = Field(description="H: the model's embedding length")
+    intermediate_size: StrictInt = Field(description="I: one expert's feed-forward length")
+    num_experts: StrictInt = Field(description="E: experts per layer")
+    top_k: StrictInt = Field(description="k: experts used per token")
+    norm_topk_prob: StrictBool = Field(description="renormalise the top-k probabilities to sum to 1")
     quant: ProjectionQuant
     activation_dtype: ActivationDtype = Field(description="dtype of x and out: f32, f16 or bf16")
-    decode_max_tokens: int = Field(
+    decode_max_tokens: StrictInt = Field(
         default=16, description="token counts up to this take the decode (GEMV) path, larger ones prefill"
     )
     prefill: PrefillConfig = Field(default_factory=PrefillConfig)
@@ -234,7 +267,7 @@ class MoeSpec(BaseModel):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", v):
             raise ValueError(
-                f"name {v!r} is not usable as a directory and symbol prefix: use lower-case "
+                f"name {_short(v)} is not usable as a directory and symbol prefix: use lower-case "
                 "letters, digits and '_', starting with a letter (e.g. qwen3moe)"
             )
         return v
@@ -248,7 +281,17 @@ class MoeSpec(BaseModel):
     @classmethod
     def _positive(cls, v: int, info: Any) -> int:
         if v <= 0:
-            raise ValueError(f"{info.field_name} is {v}: it must be a positive integer; use a value >= 1")
+            raise ValueError(f"{info.field_name} is {_short(v)}: it must be a positive integer; use a value >= 1")
+        return v
+
+    @field_validator("hidden_size", "intermediate_size")
+    @classmethod
+    def _dim_bound(cls, v: int, info: Any) -> int:
+        if v > MAX_DIM:
+            raise ValueError(
+                f"{info.field_name} is {_short(v)}: at most {MAX_DIM} is supported (the kernels index rows "
+                f"and columns with 32-bit integers); use a value between 256 and {MAX_DIM}"
+            )
         return v
 
     @field_validator("num_experts")
@@ -256,7 +299,7 @@ class MoeSpec(BaseModel):
     def _experts(cls, v: int) -> int:
         if v > MAX_EXPERTS:
             raise ValueError(
-                f"num_experts is {v}: at most {MAX_EXPERTS} experts are supported; "
+                f"num_experts is {_short(v)}: at most {MAX_EXPERTS} experts are supported; "
                 f"use a value between 1 and {MAX_EXPERTS}"
             )
         return v
@@ -266,7 +309,7 @@ class MoeSpec(BaseModel):
     def _top_k(cls, v: int) -> int:
         if v > MAX_TOP_K:
             raise ValueError(
-                f"top_k is {v}: at most {MAX_TOP_K} experts per token are supported; "
+                f"top_k is {_short(v)}: at most {MAX_TOP_K} experts per token are supported; "
                 f"use a value between 1 and {MAX_TOP_K}"
             )
         return v
@@ -329,15 +372,6 @@ class MoeSpec(BaseModel):
                 )
         return self
 
-    @model_validator(mode="after")
-    def _fits_target_archs(self) -> "MoeSpec":
-        # The kernel families know each tile's shared-memory need; asking them here makes a
-        # tile that no target arch can hold a spec error, not a failure at generate time.
-        from .enumerate import enumerate_kernels
-
-        enumerate_kernels(self)
-        return self
-
     # --- derived values -------------------------------------------------
 
     def spec_hash(self) -> str:
@@ -390,7 +424,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
-    return out
+    return out if len(out) <= MAX_REPR else out[:MAX_REPR] + "..."
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -448,7 +482,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"missing required key {loc!r}{what}: add it" + (f", e.g. `{key}: {example}`" if example else "")
         elif etype == "enum":
             allowed = e.get("ctx", {}).get("expected", "")
-            msg = f"{loc} is {e.get('input')!r}: use one of {allowed}"
+            msg = f"{loc} is {_short(e.get('input'))}: use one of {allowed}"
         elif etype.split("_")[0] in _TYPE_FIXES:
             kind = etype.split("_")[0]
             fix = _TYPE_FIXES[kind]
@@ -456,12 +490,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 fix = f"write a list, e.g. {_LIST_EXAMPLES[loc]}"
             elif kind in ("dict", "model") and loc in _EXAMPLES:
                 fix = f"write a mapping, e.g. {_EXAMPLES[loc]}"
-            msg = f"{loc} is {e.get('input')!r}, which is not valid here ({msg}): {fix}"
+            msg = f"{loc} is {_short(e.get('input'))}, which is not valid here ({msg}): {fix}"
         lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 
 def spec_from_dict(data: Any, source: str = "<dict>") -> MoeSpec:
+    """A validated spec: the model's checks, then whether every kernel fits its target archs."""
     if not isinstance(data, dict):
         got = "an empty document" if data is None else f"a {type(data).__name__}"
         raise SpecError(
@@ -469,9 +504,19 @@ def spec_from_dict(data: Any, source: str = "<dict>") -> MoeSpec:
             f"(`name: ...`, `hidden_size: ...`, one per line), not {got}"
         )
     try:
-        return MoeSpec.model_validate(data)
+        spec = MoeSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(_format_errors(err, source)) from None
+    # The kernel families know each tile's shared-memory need, and they import this module;
+    # importing them here, at call time, keeps the model free of that dependency while a tile
+    # that no target arch can hold is still a spec error rather than a failure at generate time.
+    from .enumerate import enumerate_kernels
+
+    try:
+        enumerate_kernels(spec)
+    except ValueError as err:
+        raise SpecError(f"invalid spec {source}:\n  - {err}") from None
+    return spec
 
 
 def resolve_spec_path(spec: str | Path) -> Path:
@@ -497,8 +542,50 @@ def resolve_spec_path(spec: str | Path) -> Path:
     )
 
 
+_PLAIN_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_PLAIN_BOOL = {"true": True, "false": False}
+_MAX_INT_DIGITS = 20
+"""Longer integers are refused as text: no spec size needs more, and Python will not parse
+more than a few thousand digits at all."""
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
+    """A SafeLoader for a contract, not a config file.
+
+    - a key written twice in one mapping is an error (PyYAML keeps the last silently);
+    - aliases are refused: a few hundred bytes of nested aliases expand to gigabytes;
+    - nesting deeper than MAX_SPEC_DEPTH is refused before anything is built;
+    - numbers and flags are read strictly: YAML 1.1 also reads 0x800, 0o4000, 34:8, 2_048,
+      +2048, yes, off and On as numbers and flags; here those stay text, so that the spec's
+      field check rejects them with its "write a whole number" / "write true or false" fix.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"found the alias *{_short(event.anchor)[1:-1]}: aliases and anchors are not allowed in a spec; "
+                "write the value out in full",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"the document nests deeper than {MAX_SPEC_DEPTH} levels: a spec is three levels deep; "
+                    "see docs/spec.md for its layout",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping_once(loader: _SpecLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
@@ -511,7 +598,7 @@ def _construct_mapping_once(loader: _SpecLoader, node: yaml.MappingNode, deep: b
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping",
                 node.start_mark,
-                f"found key {key!r} a second time (first at line {seen[key].line + 1}): "
+                f"found key {_short(key)} a second time (first at line {seen[key].line + 1}): "
                 "each key may appear once, remove one of them",
                 key_node.start_mark,
             )
@@ -519,17 +606,51 @@ def _construct_mapping_once(loader: _SpecLoader, node: yaml.MappingNode, deep: b
     return loader.construct_mapping(node, deep=deep)
 
 
+def _construct_strict_int(loader: _SpecLoader, node: yaml.ScalarNode) -> Any:
+    text = node.value
+    if not _PLAIN_INT.fullmatch(text):
+        return text  # 0x800, 34:8, 2_048, +2048: refused by the field check as "not a whole number"
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(
+            None, None,
+            f"found an integer of {len(text.lstrip('-'))} digits: no spec value is that large "
+            f"(sizes are at most {MAX_DIM}); correct the number",
+            node.start_mark,
+        )
+    return int(text)
+
+
+def _construct_strict_float(loader: _SpecLoader, node: yaml.ScalarNode) -> Any:
+    text = node.value
+    return float(text) if _PLAIN_FLOAT.fullmatch(text) and len(text) <= _MAX_INT_DIGITS else text
+
+
+def _construct_strict_bool(loader: _SpecLoader, node: yaml.ScalarNode) -> Any:
+    return _PLAIN_BOOL.get(node.value, node.value)  # yes/no/on/off stay text: "write true or false"
+
+
 _SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once)
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _construct_strict_int)
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _construct_strict_float)
+_SpecLoader.add_constructor("tag:yaml.org,2002:bool", _construct_strict_bool)
 
 
 def load_spec(spec: str | Path) -> MoeSpec:
     path = resolve_spec_path(spec)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SpecError(f"invalid spec {path}: not UTF-8 text ({err}): save the file as UTF-8") from None
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise SpecError(f"cannot read spec {path}: {err.strerror or err}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"invalid spec {path}: larger than {MAX_SPEC_BYTES // 1024} KiB, which no spec is; "
+            "give the spec YAML file (a few hundred bytes, see docs/spec.md)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"invalid spec {path}: not UTF-8 text ({err}): save the file as UTF-8") from None
     try:
         stream = io.StringIO(text)
         stream.name = str(path)  # so that PyYAML's error marks name the file

@@ -2,11 +2,11 @@
 the winners into <bundle>/tuning/<gpu>.json, which the runtime then follows (ferrum_gen/tuning.py).
 
 For each bucket (powers of two from 1 to 4096) the tuner times both edges of the bucket
-(ferrum_gen.tuning.bucket_edges) for every candidate: each path that can serve the bucket
+(ferrum_gen.tuning.bucket_edges), under uniform and skewed routing, for every candidate: each path that can serve the bucket
 (decode only up to DECODE_TUNE_MAX tokens, where it can still win) with every combination of
 its families' variants usable on this card. A candidate must first pass the reference check
 (bench.quick_check) at the bucket's largest count; one that fails can never win. The score
-is the sum of the medians at the edges. When the time budget runs out, the buckets not yet
+is the sum of the medians over those runs, so one candidate serves both routings. When the time budget runs out, the buckets not yet
 tuned get the default rule's choice and the table says it is incomplete.
 """
 
@@ -62,8 +62,8 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 
 
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
-         buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True
-         ) -> tuple[tuning.TuningTable, Path]:
+         buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
+         routings: tuple[str, ...] = ("uniform", "skewed")) -> tuple[tuning.TuningTable, Path]:
     import cupy as cp
     from tqdm import tqdm
 
@@ -77,7 +77,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
-    total = sum(len(tuning.bucket_edges(b)) * len(c) for b, c in plan)
+    total = sum(len(routings) * len(tuning.bucket_edges(b)) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     defaults: dict[str, str] = {}
@@ -87,14 +87,14 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         if time.monotonic() > deadline:
             complete = False
             entries.append(_default_entry(layer, bucket))
-            bar.update(len(tuning.bucket_edges(bucket)) * len(cands))
+            bar.update(len(routings) * len(tuning.bucket_edges(bucket)) * len(cands))
             continue
         scores = {c: 0.0 for c in cands}
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = Candidate(rule.path, tuple(sorted(rule.variants.items(),
                                           key=lambda fv: tuning.PATH_FAMILIES[rule.path].index(fv[0])))).name
-        for T in sorted(tuning.bucket_edges(bucket), reverse=True):
-            sets = make_input_sets(spec, T, rng, "uniform", rotations)
+        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket), reverse=True)]:
+            sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
             cp.cuda.Device().synchronize()  # made on the default stream; the timing stream does not wait for it
             out = cp.empty((T, H), dtype=sets[0][0].dtype)
             for cand in cands:
@@ -102,7 +102,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                     bar.update(1)
                     continue
                 variants = dict(cand.variants)
-                if T == bucket:  # the reference check, once per candidate and bucket
+                if T == bucket and routing == routings[0]:  # the reference check, once per candidate and bucket
                     with stream:
                         layer.forward(sets[0][0], sets[0][1], out=out, path=cand.path, variants=variants)
                     stream.synchronize()
@@ -135,7 +135,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "elapsed_s": round(time.monotonic() - start, 1),
             "rotations": rotations,
             "replays": REPLAYS,
-            "score": "sum over the bucket's edges of the median microseconds per forward (CUDA-graph replay)",
+            "routings": list(routings),
+            "score": "sum over the routings and the bucket's edges of the median microseconds per forward "
+                     "(CUDA-graph replay)",
             "rejected": rejected,
             "default_rule_candidates": defaults,
             "date": time.strftime("%Y-%m-%d"),
@@ -151,7 +153,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
 
 def describe(table: tuning.TuningTable) -> str:
     """The table as rows: bucket, path, variants, winning time and the default's time."""
-    rows = [f"{'bucket':>6} {'path':<8} {'variants':<40} {'best us':>9} {'default us':>10}"]
+    rows = ["microseconds summed over the timed runs of each bucket (its edges, each routing)",
+            f"{'bucket':>6} {'path':<8} {'variants':<40} {'best us':>9} {'default us':>10}"]
     for e in sorted(table.entries, key=lambda e: e.bucket):
         variants = ",".join(f"{v}" for _, v in sorted(e.variants.items()))
         best = min(e.timings_us.values()) if e.timings_us else float("nan")

@@ -81,3 +81,101 @@ def test_bad_arguments_exit_with_usage(argv) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+# --- generate never destroys what it did not write; every failure is one line, exit 2 -----------
+
+from pathlib import Path
+
+from ferrum_gen import compile as fcompile
+from ferrum_gen import render as frender
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for a directory): what 'nothing changed' compares."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("ferrum-gen: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _spec_file(tmp_path: Path, name: str, **changes) -> Path:
+    data = {**load_spec("tiny").model_dump(mode="json"), "name": name, **changes}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_generate_refuses_a_directory_of_someone_elses_files(tmp_path, capsys) -> None:
+    proj = tmp_path / "proj"
+    (proj / "kernels").mkdir(parents=True)
+    (proj / "kernels" / "my_attention.cu").write_text("__global__ void mine() {}\n")
+    before = _snapshot(proj)
+    spec = _spec_file(tmp_path, "kernels")
+    for extra in ([], ["--force"]):  # --force replaces another spec's bundle, never unlisted files
+        assert main(["generate", "--spec", str(spec), "--out", str(proj), *extra]) == 2
+        err = _one_line_error(capsys)
+        assert str(proj / "kernels") in err and "my_attention.cu" in err and "another --out" in err
+        assert _snapshot(proj) == before
+
+
+def test_generate_into_an_empty_directory_is_fine(tmp_path) -> None:
+    (tmp_path / "kernels").mkdir()
+    assert main(["generate", "--spec", str(_spec_file(tmp_path, "kernels")), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "kernels" / frender.MANIFEST).is_file()
+
+
+def test_generate_refuses_another_specs_bundle_unless_forced(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["generate", "--spec", "tiny", "--out", str(out)]) == 0
+    before = _snapshot(out)
+    mine = _spec_file(tmp_path, "tiny", model="my own tiny", decode_max_tokens=8)
+    capsys.readouterr()
+    assert main(["generate", "--spec", str(mine), "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert str(out / "tiny") in err and "holds the bundle of spec 'tiny'" in err and "--force" in err
+    assert _snapshot(out) == before
+    assert main(["generate", "--spec", str(mine), "--out", str(out), "--force"]) == 0
+    manifest = yaml.safe_load((out / "tiny" / frender.MANIFEST).read_text())
+    assert manifest["spec"]["model"] == "my own tiny"
+
+
+def test_generate_all_checks_every_directory_before_writing_any(tmp_path, capsys) -> None:
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "keep.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    assert main(["generate", "--all", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys)
+    assert _snapshot(tmp_path) == before
+
+
+def test_out_pointing_at_a_file_is_one_line(tmp_path, capsys) -> None:
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    for argv in (["generate", "--spec", "tiny"], ["build", "--spec", "tiny", "--arch", "sm_90"]):
+        assert main([*argv, "--out", str(target)]) == 2
+        assert "is not a directory" in _one_line_error(capsys)
+    assert _snapshot(tmp_path) == {"a_file": b"x"}
+
+
+def test_an_unwritable_directory_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    def denied(path, data, mode=0o666):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(frender, "write_atomic", denied)
+    assert main(["generate", "--spec", "tiny", "--out", str(tmp_path)]) == 2
+    assert "Permission denied" in _one_line_error(capsys)
+    assert _snapshot(tmp_path) == {}
+
+
+def test_build_without_nvrtc_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
+    def no_nvrtc():
+        raise fcompile.CompileError("compiling kernels needs CuPy with NVRTC (pip install 'ferrum-gen[gpu]')")
+
+    monkeypatch.setattr(fcompile, "_nvrtc", no_nvrtc)
+    assert main(["build", "--spec", "tiny", "--arch", "sm_90", "--out", str(tmp_path)]) == 2
+    assert "NVRTC" in _one_line_error(capsys)
+    assert _snapshot(tmp_path) == {}

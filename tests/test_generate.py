@@ -44,10 +44,16 @@ def test_generation_is_deterministic_and_byte_identical_on_rerun(spec, tmp_path)
 
 
 def test_stale_sources_are_removed_on_regeneration(spec, tmp_path) -> None:
+    """A kernel an earlier generation wrote (its manifest lists it) goes; a file nobody listed stays."""
     bundle = write_bundle(spec, tmp_path)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["kernels"].append({**manifest["kernels"][0], "uri": "gemv_old_kernel", "file": "gemv_old_kernel.cu"})
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
     (bundle / "gemv_old_kernel.cu").write_text("// left over\n")
+    (bundle / "notes.cu").write_text("// the user's own file\n")
     write_bundle(spec, tmp_path)
     assert not (bundle / "gemv_old_kernel.cu").exists()
+    assert (bundle / "notes.cu").read_text() == "// the user's own file\n"
 
 
 def test_one_name_per_kernel_file_symbol_and_manifest_entry(spec) -> None:

@@ -207,3 +207,48 @@ def test_get_settings_bad_value_is_not_cached(clean_settings: pytest.MonkeyPatch
         get_settings()
     clean_settings.setenv("FERRUM_MOE_BLOCK_SIZE", "16")
     assert get_settings().block_size_override == 16
+
+
+# --- one strict rule for numbers; cache paths that cannot work ----------------------
+
+
+@pytest.mark.parametrize("value", [" 32 ", "+32", "3_2", "３２", "٣٢", "32 ", "0x20"])
+def test_block_size_is_ascii_digits_only(value: str) -> None:
+    with pytest.raises(SettingsError, match="FERRUM_MOE_BLOCK_SIZE") as exc:
+        Settings.from_env({"FERRUM_MOE_BLOCK_SIZE": value})
+    assert "ASCII digits" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", ["1 ", "01", "１", "+1"])
+def test_flags_are_exactly_0_or_1(value: str) -> None:
+    with pytest.raises(SettingsError, match="FERRUM_MOE_PROFILE"):
+        Settings.from_env({"FERRUM_MOE_PROFILE": value})
+
+
+def test_cache_dir_of_an_unknown_user_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"FERRUM_GEN_CACHE='~nosuchuser_ferrum/c'.*names no user"):
+        Settings.from_env({"FERRUM_GEN_CACHE": "~nosuchuser_ferrum/c"})
+
+
+def test_cache_dir_that_is_a_dangling_symlink_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SettingsError, match="symbolic link"):
+        Settings.from_env({"FERRUM_GEN_CACHE": str(link)})
+    with pytest.raises(SettingsError, match="symbolic link to a missing target"):
+        Settings.from_env({"FERRUM_GEN_CACHE": str(link / "below")})
+
+
+def test_cache_dir_on_a_read_only_pseudo_filesystem_is_refused() -> None:
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    with pytest.raises(SettingsError, match="'/proc' is not writable"):
+        Settings.from_env({"FERRUM_GEN_CACHE": "/proc/ferrum_gen_cache"})
+
+
+def test_relative_cache_dir_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({"FERRUM_GEN_CACHE": "rel/cache"})
+    assert s.cache_dir == tmp_path / "rel" / "cache" and s.cache_dir.is_absolute()
+    monkeypatch.chdir("/")
+    assert s.cache_dir == tmp_path / "rel" / "cache"

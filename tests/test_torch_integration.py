@@ -245,15 +245,18 @@ def test_torch_compile_fullgraph_matches_eager(model: Model, gen) -> None:
     from ferrum_gen.torch import MoeBlock
 
     class DecoderMlp(torch.nn.Module):
-        """What an engine's decoder layer does around the MoE block: norm, block, residual."""
+        """What an engine's decoder layer does around the MoE block: a residual around it.
+
+        No norm in front: inductor computes a LayerNorm in another order than eager, and a
+        bf16 rounding difference in the router's input can flip a near-tie in the top-k,
+        which would make the compiled and eager outputs differ for reasons outside the op."""
 
         def __init__(self, block: MoeBlock):
             super().__init__()
-            self.norm = torch.nn.LayerNorm(H, device="cuda", dtype=torch.bfloat16)
             self.block = block
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.block(self.norm(x))
+            return x + self.block(x)
 
     net = DecoderMlp(MoeBlock.from_gguf(model.reader, 0, MAX_TOKENS, bundle=model.bundle(0)))
     torch._dynamo.reset()
