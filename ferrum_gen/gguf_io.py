@@ -142,10 +142,6 @@ class LayerExperts:
     def quant_types(self) -> tuple[QuantType, QuantType, QuantType]:
         return (self.gate.quant, self.up.quant, self.down.quant)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(s.data.nbytes) for s in self)
-
 
 # --- opening files --------------------------------------------------------
 
