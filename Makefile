@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SPEC   ?= qwen3moe.yaml
 OUT    ?= generated
-# The GPU targets run in .venv-gpu: a venv over the interpreter that has CuPy and torch
-# (--system-site-packages keeps them visible) with the package's own dependencies added.
+# The GPU targets run in .venv-gpu: a venv over the interpreter that has CuPy and torch,
+# with the package's own dependencies added. --system-site-packages alone does not show that
+# interpreter's packages when it is itself a venv, so its site directories also go into a .pth.
 GPU_PYTHON ?= python3
 GPU_VENV   := .venv-gpu
 GPU_STAMP  := $(GPU_VENV)/.installed
@@ -28,6 +29,8 @@ venv: $(STAMP)
 # PYTHONPATH), so no build backend is needed where there is no package index.
 $(GPU_STAMP): pyproject.toml scripts/requirements.py
 	$(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PYTHON) -c "import site; print(*site.getsitepackages(), sep='\n')" \
+	  > "$$($(GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/gpu-python.pth"
 	$(GPU_PYTHON) scripts/requirements.py > $(GPU_VENV)/requirements.txt
 	echo "pytest>=8" >> $(GPU_VENV)/requirements.txt
 	$(GPU_VENV)/bin/python -m pip install --quiet $(PIP_SOURCE) -r $(GPU_VENV)/requirements.txt

@@ -829,6 +829,13 @@ def relative_error(out: Any, ref: Any) -> float:
     return float(cp.linalg.norm(out64 - ref) / cp.linalg.norm(ref))
 
 
+def poisoned_like(out: Any) -> Any:
+    """A new array shaped like `out`, filled with NaN (bf16 NaN bits for uint16): a row a kernel skips stays NaN."""
+    import cupy as cp
+
+    return cp.full_like(out, 0x7FC0) if out.dtype == cp.uint16 else cp.full_like(out, np.nan)
+
+
 def quick_check(layer: Any, x: Any, logits: Any, out: Any, ref: Any = None) -> tuple[float, bool]:
     """(rel err, within the design tolerance) of `out` = layer(x, logits) on its first ACCURACY_TOKENS tokens.
 
@@ -1054,25 +1061,28 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     stats: list[RoutingStats] = []
     steps = [(r, T) for r in options.routings for T in options.tokens]
     for step, (routing, T) in enumerate(steps, 1):
-        sets = make_input_sets(spec, T, rng, routing, options.rotations, skew_seed=options.seed)
-        cp.cuda.Device().synchronize()  # made on the default stream; the timing stream does not wait for it
-        host_logits = [cp.asnumpy(lg) for _, lg in sets]
+        # Every array is made on the timing stream: CuPy's pool hands a block freed on one stream
+        # to the next allocation on that stream at once, so an array made on the default stream
+        # while the reference still runs there would be written by the forward on another stream.
+        with stream:
+            sets = make_input_sets(spec, T, rng, routing, options.rotations, skew_seed=options.seed)
+            host_logits = [cp.asnumpy(lg) for _, lg in sets]
+            n_check = min(ACCURACY_TOKENS, T)
+            x0, l0 = sets[0]
+            ref = reference_rows(layer, x0[:n_check], l0[:n_check])
+            out = cp.empty((T, spec.hidden_size), dtype=x0.dtype)
+        stream.synchronize()
         stat = routing_stats(spec, host_logits, routing, layer.settings.block_size_override)
         stats.append(stat)
         distinct_bytes = stat.distinct_experts * ebytes
         flops = layer_flops(spec, T)
-        n_check = min(ACCURACY_TOKENS, T)
-        x0, l0 = sets[0]
-        ref = reference_rows(layer, x0[:n_check], l0[:n_check])
-        out = cp.empty((T, spec.hidden_size), dtype=x0.dtype)
         line = []
         for path in paths_at(T, spec, options.paths, options.decode_up_to, options.prefill_from):
             resolved = layer.choose_path(T) if path == "auto" else path
-            check_out = cp.empty_like(out)
             with stream:
+                check_out = poisoned_like(out)
                 layer.forward(x0, l0, out=check_out, path=path)
-            stream.synchronize()
-            err, ok = quick_check(layer, x0, l0, check_out, ref=ref)
+                err, ok = quick_check(layer, x0, l0, check_out, ref=ref)
 
             def forwards(path=path, stop_after=None):
                 return lambda: [layer.forward(x, lg, out=out, path=path, stop_after=stop_after) for x, lg in sets]
@@ -1127,6 +1137,6 @@ def default_json_path(spec_name: str) -> str:
 __all__ = [
     "BenchError", "BenchOptions", "BenchResult", "Card", "Case", "Comparison", "apply_overrides", "build_layer",
     "compare", "copy_bandwidth", "expert_bytes", "figures", "full_report", "layer_flops", "load_result",
-    "make_input_sets", "make_logits", "matmul_rate", "paths_at", "plot", "quick_check", "reference_rows",
+    "make_input_sets", "make_logits", "matmul_rate", "paths_at", "plot", "poisoned_like", "quick_check", "reference_rows",
     "register_weights", "routing_stats", "run_bench", "save_result", "summary_table", "time_graph",
 ]

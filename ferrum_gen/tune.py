@@ -68,7 +68,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     from tqdm import tqdm
 
     from . import __version__
-    from .bench import build_layer, make_input_sets, quick_check, time_graph
+    from .bench import build_layer, make_input_sets, poisoned_like, quick_check, time_graph
 
     start = time.monotonic()
     deadline = start + budget_s
@@ -94,9 +94,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         defaults[str(bucket)] = Candidate(rule.path, tuple(sorted(rule.variants.items(),
                                           key=lambda fv: tuning.PATH_FAMILIES[rule.path].index(fv[0])))).name
         for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket), reverse=True)]:
-            sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
-            cp.cuda.Device().synchronize()  # made on the default stream; the timing stream does not wait for it
-            out = cp.empty((T, H), dtype=sets[0][0].dtype)
+            with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
+                sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
+                out = cp.empty((T, H), dtype=sets[0][0].dtype)
             for cand in cands:
                 if cand not in scores:
                     bar.update(1)
@@ -104,9 +104,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                 variants = dict(cand.variants)
                 if T == bucket and routing == routings[0]:  # the reference check, once per candidate and bucket
                     with stream:
-                        layer.forward(sets[0][0], sets[0][1], out=out, path=cand.path, variants=variants)
-                    stream.synchronize()
-                    err, ok = quick_check(layer, sets[0][0], sets[0][1], out)
+                        check_out = poisoned_like(out)
+                        layer.forward(sets[0][0], sets[0][1], out=check_out, path=cand.path, variants=variants)
+                        err, ok = quick_check(layer, sets[0][0], sets[0][1], check_out)
                     if not ok:
                         rejected[f"{bucket}:{cand.name}"] = f"rel err {err:.3g}"
                         log.warning("tune: %s at T=%d fails the reference check (rel err %.3g)", cand.name, T, err)
