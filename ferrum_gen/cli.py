@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default="qwen3moe", help="a spec YAML file or shipped spec name (default: qwen3moe)")
     p.add_argument("--tokens", type=int, nargs="+", default=list(bench.DEFAULT_TOKENS), metavar="T",
                    help="token counts (default: powers of two 1..4096)")
-    p.add_argument("--paths", nargs="+", default=list(bench.PATHS), choices=["auto", "decode", "prefill"],
-                   help="paths to time; auto is what the runtime picks (default: all three)")
+    p.add_argument("--paths", nargs="+", default=list(bench.PATHS), choices=list(bench.PATHS),
+                   help="paths to time; auto is what the runtime picks (default: all of them)")
     p.add_argument("--routing", default="both", choices=["uniform", "skewed", "both"],
                    help="uniform: standard-normal logits; skewed: Zipf-like expert popularity (default: both)")
     p.add_argument("--rotations", type=int, default=bench.DEFAULT_ROTATIONS, metavar="R",

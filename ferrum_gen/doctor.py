@@ -105,6 +105,22 @@ def _cuda_version(v: int) -> str:
 # --- the checks -------------------------------------------------------------
 
 
+def driver_finding(driver: int, runtime: int) -> Finding:
+    """The driver's CUDA version against CuPy's runtime (both as CUDA encodes them, 13020 = 13.2).
+
+    CUDA's minor version compatibility lets a runtime of the driver's major version run on it
+    (13.2 on a 13.0 driver); only a newer major needs another driver or CuPy build.
+    """
+    have, want = _cuda_version(driver), _cuda_version(runtime)
+    if driver // 1000 < runtime // 1000:
+        return Finding("CUDA driver", f"supports CUDA {have}", f"CuPy was built for CUDA {want}, a newer major "
+                       "version than the driver's: update the driver or " + INSTALL_CUPY)
+    if driver < runtime:
+        return Finding("CUDA driver", f"supports CUDA {have} (CuPy's CUDA {want} runs on it through minor version "
+                       "compatibility)")
+    return Finding("CUDA driver", f"supports CUDA {have}")
+
+
 def _check_gpu() -> tuple[list[Finding], str | None]:
     """CuPy, driver, runtime, NVRTC and each GPU; returns the findings and the first GPU's name."""
     try:
@@ -121,12 +137,7 @@ def _check_gpu() -> tuple[list[Finding], str | None]:
         out.append(Finding("CUDA driver", f"unusable: {err}",
                            "install an NVIDIA driver (CUDA 12 or 13) and check `nvidia-smi`"))
         return out, None
-    if driver < runtime:
-        out.append(Finding("CUDA driver", f"supports CUDA {_cuda_version(driver)}",
-                           f"CuPy was built for CUDA {_cuda_version(runtime)}, newer than the driver: update the "
-                           "driver or " + INSTALL_CUPY))
-    else:
-        out.append(Finding("CUDA driver", f"supports CUDA {_cuda_version(driver)}"))
+    out.append(driver_finding(driver, runtime))
     out.append(Finding("CUDA runtime (CuPy)", _cuda_version(runtime)))
     try:
         out.append(Finding("NVRTC", compiler_version()))

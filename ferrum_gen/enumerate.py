@@ -9,12 +9,15 @@ from .families import (
     gemm_gate_up_silu,
     gemv_down_combine,
     gemv_gate_up_silu,
+    grouped_down_combine,
+    grouped_gate_up_silu,
     router,
 )
 from .families.base import KernelSpec
 from .spec import MoeSpec
 
-FAMILIES = (router, align, gemv_gate_up_silu, gemv_down_combine, gemm_gate_up_silu, gemm_down, combine)
+FAMILIES = (router, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
+            gemm_gate_up_silu, gemm_down, combine)
 
 
 def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:

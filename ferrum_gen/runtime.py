@@ -6,9 +6,13 @@
 
 Paths (which one serves T, and which kernel variants, is `MoeLayer.choose(T)`: the card's
 tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
-- decode (by default T <= spec.decode_max_tokens): router -> fused gate+up+SiLU GEMV -> down GEMV with
-  the weighted combine fused. No host synchronisation and no allocation when `out` is
-  given, so a CUDA graph can capture it.
+- grouped (by default T <= spec.decode_max_tokens, where the spec has its kernels): router ->
+  gate+up+SiLU -> down with the weighted combine fused, each CTA one distinct expert's 16-row
+  tile times all of that expert's tokens on tensor cores, so each expert is read once.
+- decode (the GEMVs, one (token, expert) pair per grid row: the default where grouped is
+  missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
+  Both decode-sized paths run with no host synchronisation and no allocation when `out` is
+  given, so a CUDA graph can capture them.
 - prefill (larger T): router -> align (device) -> grouped gate+up+SiLU GEMM -> grouped
   down GEMM -> combine. Also free of host synchronisation.
 - host routing (FERRUM_MOE_HOST_ROUTE=1): routing and the align plan computed in numpy
@@ -44,6 +48,7 @@ CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 PHASES = {
     "decode": ("route", "gate_up_silu", "down_combine"),
+    "grouped": ("route", "gate_up_silu", "down_combine"),
     "prefill": ("route", "align", "gate_up_silu", "down", "combine"),
 }
 """The phases of each path, in launch order; forward(stop_after=...) cuts after one of them."""
@@ -160,11 +165,13 @@ class MoeLayer:
         self._args = {e["uri"]: tuple((a["name"], a["type"]) for a in e["args"]) for e in bundle.manifest["kernels"]}
         self.variants, self._default_variants = self._usable_variants()
         self._resident: dict[str, int] = {}
-        for family in tuning.PATH_FAMILIES["prefill"]:
-            for kernels in self.variants[family].values():
-                for kern in kernels:
-                    self._set_smem(kern)
-                    self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
+        for path in tuning.PATHS:
+            for family in tuning.PATH_FAMILIES[path]:
+                for kernels in self.variants.get(family, {}).values():
+                    for kern in kernels:
+                        if isinstance(kern.launch["smem_bytes"], dict):
+                            self._set_smem(kern)
+                            self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
         self.tuning = self._find_tuning(tuning_table)
 
         P = max_tokens * k
@@ -182,6 +189,8 @@ class MoeLayer:
         self.y_sorted = cp.empty((self._cap, H), dtype=act)
         self.x_mma = cp.empty((max_tokens, H), dtype=cp.float16) if spec.activation_dtype is ActivationDtype.F32 else None
         self.a_decode = cp.empty((self._decode_token_cap() * k, I), dtype=cp.float32)
+        self.y_grouped = cp.empty((self._decode_token_cap() * k, H), dtype=cp.float32)
+        self.tile_counters = cp.zeros(math.ceil(H / 16), dtype=cp.int32)  # grouped down: zero between calls
         self.profile: dict[str, list[float]] = {}
 
     # --- construction ---------------------------------------------------------
@@ -204,7 +213,7 @@ class MoeLayer:
         unusable: set[tuple[str, str]] = set()
         for e in self.bundle.manifest["kernels"]:
             fam, var = e["family"], e["variant"]
-            if fam not in tuning.PATH_FAMILIES["decode"] + tuning.PATH_FAMILIES["prefill"]:
+            if fam not in {f for path in tuning.PATHS for f in tuning.PATH_FAMILIES[path]}:
                 continue
             if e["default"]:
                 defaults[fam] = var
@@ -230,7 +239,7 @@ class MoeLayer:
 
     def _decode_token_cap(self) -> int:
         """The most tokens the decode path serves by itself (the rule's bound, or a tuned bucket's)."""
-        tuned = [e.bucket for e in self.tuning.entries if e.path == "decode"] if self.tuning else []
+        tuned = [e.bucket for e in self.tuning.entries if e.path != "prefill"] if self.tuning else []
         return min(self.max_tokens, max([self.spec.decode_max_tokens, *tuned]))
 
     # --- choosing ---------------------------------------------------------------
@@ -241,7 +250,7 @@ class MoeLayer:
         variants: family -> variant to force some of the path's families (the tuner and the tests).
         """
         if path not in ("auto", *tuning.PATHS):
-            raise ValueError(f"path={path!r}: use 'auto', 'decode' or 'prefill'")
+            raise ValueError(f"path={path!r}: use 'auto' or one of {tuning.PATHS}")
         choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
         if not variants:
             return choice
@@ -276,7 +285,7 @@ class MoeLayer:
     def launch_count(self, tokens: int, path: str = "auto") -> int:
         """Kernel launches of one forward call with float32 router logits."""
         choice = self.choose(tokens, path)
-        if choice.path == "decode":
+        if choice.path in ("decode", "grouped"):
             return 3
         per_gemm = 1 if self.settings.block_size_override else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
@@ -327,8 +336,8 @@ class MoeLayer:
                 variants: Mapping[str, str] | None = None) -> Any:
         """out [T, H] = the MoE layer applied to x [T, H] with router_logits [T, E].
 
-        path: "auto" (the tuning table, else the default rule; see choose()), "decode" or
-        "prefill". stop_after: a phase name (phases(path)): launch only up to and including it
+        path: "auto" (the tuning table, else the default rule; see choose()), "decode",
+        "grouped" or "prefill". stop_after: a phase name (phases(path)): launch only up to and including it
         (benchmarks cut the graph there; the output is then not written). variants: force some
         families' kernel variants (see choose()).
         """
@@ -373,7 +382,8 @@ class MoeLayer:
                 self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
                              logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
-            run = self._decode if choice.path == "decode" else functools.partial(self._prefill, plan_ready=host)
+            run = {"decode": self._decode, "grouped": self._grouped,
+                   "prefill": functools.partial(self._prefill, plan_ready=host)}[choice.path]
             run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
             self._record_profile(choice.path, events)
@@ -407,6 +417,31 @@ class MoeLayer:
                 kd, (math.ceil(spec.hidden_size / kd.launch["rows_per_cta"]), T), stream,
                 a=self.a_decode, ids=self.ids, weights=self.weights, w_down=self.down.data, w_down_d=self.down.d,
                 out=out_c)),
+        ])
+
+    def _grouped(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
+                 stop_after: str | None) -> None:
+        cp = _cupy()
+        spec = self.spec
+        if stop_after == "route":
+            return
+        H, I, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
+        P = T * spec.top_k
+        if self.y_grouped.shape[0] < P:  # grouped forced at a large T (tests, comparisons): grow once
+            self.y_grouped = cp.empty((P, H), dtype=cp.float32)
+        (kg,) = self.variants["grouped_gate_up_silu"][choice.variants["grouped_gate_up_silu"]]
+        (kd,) = self.variants["grouped_down_combine"][choice.variants["grouped_down_combine"]]
+        slots = min(P, E)  # CTAs past the call's distinct experts exit at once
+        arch = self.bundle.arch
+        self._steps(stream, events, stop_after, [
+            ("gate_up_silu", lambda: self._launch(
+                kg, (I // kg.launch["rows_per_cta"], slots), stream, kg.launch["smem_bytes"][arch],
+                x=xc, ids=self.ids, num_pairs=P, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
+                w_up_d=self.up.d, a=self.a_sorted)),
+            ("down_combine", lambda: self._launch(
+                kd, (H // kd.launch["rows_per_cta"], slots), stream, kd.launch["smem_bytes"][arch],
+                a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,
+                w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
         ])
 
     def _prefill(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,

@@ -26,6 +26,8 @@ from .spec import MoeSpec
 log = logging.getLogger("ferrum_gen")
 
 DECODE_TUNE_MAX = 64
+GROUPED_TUNE_MAX = 256
+"""The grouped path is timed up to here: past it every expert has many tokens and prefill's GEMMs win."""
 """The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 
 REPLAYS = 20
@@ -48,7 +50,11 @@ def candidates(layer, bucket: int) -> list[Candidate]:
     spec = layer.spec
     out = []
     for path in tuning.PATHS:
+        if not tuning.path_available(path, layer.variants):
+            continue
         if path == "decode" and (bucket > DECODE_TUNE_MAX or not tuning.decode_possible(spec, bucket)):
+            continue
+        if path == "grouped" and bucket > GROUPED_TUNE_MAX:
             continue
         families = tuning.PATH_FAMILIES[path]
         for combo in itertools.product(*(sorted(layer.variants[f]) for f in families)):

@@ -1,8 +1,9 @@
 """Which path and which kernel variants serve a token count: the default rule and tuning tables.
 
 The runtime asks `choose()` for every forward call. Without a tuning table for the card,
-the **default rule** applies: the decode path for T <= spec.decode_max_tokens, else
-prefill, each family with its default variant (the kernel the spec's own keys describe).
+the **default rule** applies: for T <= spec.decode_max_tokens the grouped path (the
+expert-grouped tensor-core kernels) where the spec has it, else the decode path (GEMVs);
+prefill above; each family with its default variant (the kernel the spec's own keys describe).
 A tuning table (`ferrum-gen tune` writes one per GPU into <bundle>/tuning/<gpu>.json)
 records, per token-count bucket, the path and the variant of each tuned family that ran
 fastest on that card; T uses the bucket of the smallest tuned token count >= T (the largest
@@ -27,10 +28,12 @@ from .spec import MoeSpec
 
 log = logging.getLogger("ferrum_gen")
 
-SCHEMA_VERSION = 1
-PATHS = ("decode", "prefill")
+SCHEMA_VERSION = 2
+"""2: the grouped path joined the tuned paths; a version-1 table never timed it."""
+PATHS = ("decode", "grouped", "prefill")
 PATH_FAMILIES: dict[str, tuple[str, ...]] = {
     "decode": ("gemv_gate_up_silu", "gemv_down_combine"),
+    "grouped": ("grouped_gate_up_silu", "grouped_down_combine"),
     "prefill": ("gemm_gate_up_silu", "gemm_down"),
 }
 """The families of each path that come in variants (router, align and combine have one kernel)."""
@@ -70,8 +73,16 @@ def decode_possible(spec: MoeSpec, tokens: int) -> bool:
     return tokens * spec.top_k <= MAX_DECODE_PAIRS
 
 
-def default_path(spec: MoeSpec, tokens: int) -> str:
-    return "decode" if tokens <= spec.decode_max_tokens else "prefill"
+def path_available(path: str, available: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether this card has a usable variant of every family of the path (the grouped
+    kernels exist only for specs whose gate and up share a quant type)."""
+    return all(available.get(family) for family in PATH_FAMILIES[path])
+
+
+def default_path(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    if tokens > spec.decode_max_tokens:
+        return "prefill"
+    return "grouped" if available is None or path_available("grouped", available) else "decode"
 
 
 def gpu_slug(gpu_name: str) -> str:
@@ -216,14 +227,18 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     """The path and variants for `tokens`.
 
     available: family -> {variant: kernels} usable on this card; defaults: family -> default
-    variant. path: "auto" (table, else the default rule) or "decode"/"prefill" (forced path,
+    variant. path: "auto" (table, else the default rule) or one of PATHS (forced path,
     variants still from the table when its bucket chose that path).
     """
     entry = table.lookup(tokens) if table is not None else None
+    if entry is not None and not path_available(entry.path, available):
+        entry = None  # a table from a bundle with other kernels: the default rule instead
     if path == "auto":
-        path = entry.path if entry is not None else default_path(spec, tokens)
+        path = entry.path if entry is not None else default_path(spec, tokens, available)
         if path == "decode" and not decode_possible(spec, tokens):
             path = "prefill"
+    elif not path_available(path, available):
+        raise ValueError(f"the {path} path has no kernels in this bundle (families {PATH_FAMILIES[path]})")
     variants = {}
     use_entry = entry is not None and entry.path == path
     for family in PATH_FAMILIES[path]:

@@ -53,6 +53,18 @@ def test_doctor_on_a_cpu_machine_reports_each_problem_with_its_fix(cache_dir, ca
     assert "tuning tables" in out and "problem(s) found" in out
 
 
+@pytest.mark.parametrize("driver, runtime, problem", [
+    (13000, 13020, False),  # minor version compatibility: the case of the lent H200
+    (13000, 13000, False),
+    (12080, 13000, True),
+    (13000, 12060, False),
+])
+def test_doctor_flags_a_driver_only_when_its_major_cuda_version_is_older(driver, runtime, problem) -> None:
+    finding = doctor.driver_finding(driver, runtime)
+    assert bool(finding.fix) is problem
+    assert "CUDA" in finding.detail
+
+
 def test_doctor_flags_a_stale_bundle_and_an_unwritable_cache(tmp_path, cache_dir, monkeypatch) -> None:
     out_root = tmp_path / "generated"
     assert main(["generate", "--spec", "tiny", "--out", str(out_root)]) == 0

@@ -11,12 +11,19 @@ import pytest
 
 from ferrum_gen import __version__
 from ferrum_gen.enumerate import enumerate_kernels
+from ferrum_gen.families.grouped import supported as grouped_supported
 from ferrum_gen.render import MANIFEST, _ENV, bundle_files, render_spec, template_hash, write_bundle
 from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "generated"
 FAMILIES = {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu", "gemm_down", "combine"}
+GROUPED_FAMILIES = {"grouped_gate_up_silu", "grouped_down_combine"}
+
+
+def families_of(spec) -> set[str]:
+    """Every spec has FAMILIES; the grouped kernels only where gate and up share a quant type."""
+    return FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
 
 
 @pytest.fixture(params=shipped_spec_names())
@@ -64,7 +71,7 @@ def test_one_name_per_kernel_file_symbol_and_manifest_entry(spec) -> None:
     assert manifest["spec"]["name"] == spec.name
     uris = [k["uri"] for k in manifest["kernels"]]
     assert len(set(uris)) == len(uris)
-    assert {k["family"] for k in manifest["kernels"]} == FAMILIES
+    assert {k["family"] for k in manifest["kernels"]} == families_of(spec)
     for k in manifest["kernels"]:
         assert k["symbol"] == k["uri"] and k["file"] == f"{k['uri']}.cu"
         source = files[k["file"]]
@@ -83,7 +90,7 @@ def test_spec_expands_into_one_gemm_per_variant_and_block_size(spec) -> None:
         for variant in {k.variant for k in by_family[fam]}:
             sizes = sorted(k.launch["block_size"] for k in by_family[fam] if k.variant == variant)
             assert sizes == list(spec.prefill.block_sizes)
-    for fam in FAMILIES - {"gemm_gate_up_silu", "gemm_down"}:
+    for fam in families_of(spec) - {"gemm_gate_up_silu", "gemm_down"}:
         assert len({k.variant for k in by_family[fam]}) == len(by_family[fam])
     for fam in ("router", "align", "combine"):
         assert len(by_family[fam]) == 1

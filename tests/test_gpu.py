@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from ferrum_gen import reference
+from ferrum_gen import reference, tuning
 from ferrum_gen.quant import dequantize, random_matrix_bytes
 from ferrum_gen.settings import Settings
 from ferrum_gen.spec import ActivationDtype, MoeSpec, load_spec, shipped_spec_names
@@ -29,6 +29,8 @@ except Exception as err:  # noqa: BLE001 - any failure means: no usable GPU here
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS == 0, reason=f"GPU suite skipped: {_WHY}")]
 
 TOKEN_COUNTS = (1, 2, 7, 33, 64, 513, 4097)
+GROUPED_TOKEN_COUNTS = (1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 64)
+"""The grouped path's kernels: every count around its 8- and 16-token passes."""
 MAX_TOKENS = max(TOKEN_COUNTS)
 # ||out - ref|| / ||ref|| bounds from the design brief
 LAYER_TOL = {ActivationDtype.F32: 2e-3, ActivationDtype.F16: 2e-3, ActivationDtype.BF16: 1e-2}
@@ -120,7 +122,7 @@ class Case:
     def run(self, x, logits, path: str, variants=None):
         out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
         poison(out)
-        for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_sorted, self.layer.ids,
+        for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_sorted, self.layer.y_grouped, self.layer.ids,
                     self.layer.weights, self.layer.sorted_ids, self.layer.pairs_by_token):
             poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
         self.layer.forward(x, logits, out=out, path=path, variants=variants)
@@ -232,9 +234,54 @@ def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
         assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, variants
 
 
+def grouped_or_skip(case: Case) -> None:
+    if not tuning.path_available("grouped", case.layer.variants):
+        pytest.skip(f"spec {case.spec.name} has no grouped kernels (gate and up differ in quant type)")
+
+
+def one_expert_logits(case: Case, T: int):
+    """Router logits that send every token to the same top-k experts (the most tokens per expert)."""
+    logits = cp.zeros((T, case.spec.num_experts), dtype=cp.float32)
+    logits[:, : case.spec.top_k] = cp.arange(case.spec.top_k, 0, -1, dtype=cp.float32)
+    return logits
+
+
+@pytest.mark.parametrize("T", GROUPED_TOKEN_COUNTS)
+def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
+    grouped_or_skip(case)
+    spec = case.spec
+    tol = LAYER_TOL[spec.activation_dtype]
+    P = T * spec.top_k
+    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    for variants in variant_sets(case.layer, "grouped"):
+        for routing in ("normal", "one expert"):
+            x, logits = case.inputs(T, rng)
+            if routing == "one expert":
+                logits = one_expert_logits(case, T)
+            out = case.run(x, logits, "grouped", variants)
+            ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
+            where = (variants, routing)
+            assert rel_err(from_act(case.layer.a_sorted[:P], mma), ref_a) <= tol, where
+            assert rel_err(case.layer.y_grouped[:P], ref_y) <= tol, where
+            assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
+            assert not bool(case.layer.tile_counters.any()), "a row tile's counter was not reset"
+
+
+@pytest.mark.parametrize("T", (1, 9, 33))
+def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: int, rng) -> None:
+    grouped_or_skip(case)
+    x, logits = case.inputs(T, rng)
+    dtype = case.spec.activation_dtype
+    first = case.run(x, logits, "grouped").copy()
+    second = case.run(x, logits, "grouped")
+    cp.testing.assert_array_equal(first, second)  # the same bits: a fixed summation order
+    pre = from_act(case.run(x, logits, "prefill"), dtype)
+    assert rel_err(pre, from_act(first, dtype)) <= LAYER_TOL[dtype]
+
+
 def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
     """variant_sets covers each usable variant; on sm_90 every variant of the shipped specs is usable."""
-    for path in ("decode", "prefill"):
+    for path in [p for p in tuning.PATHS if tuning.path_available(p, case.layer.variants)]:
         sets = variant_sets(case.layer, path)
         for family in case.layer.variants:
             if family in sets[0]:
@@ -274,10 +321,12 @@ def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
     assert rel_err(host_out, device_out) <= LAYER_TOL[dtype]
 
 
-@pytest.mark.parametrize("path", ("decode", "prefill"))
+@pytest.mark.parametrize("path", ("decode", "grouped", "prefill"))
 def test_path_is_graph_capturable(case: Case, path: str, rng) -> None:
+    if path == "grouped":
+        grouped_or_skip(case)
     spec = case.spec
-    T = 4 if path == "decode" else 33
+    T = 33 if path == "prefill" else 4
     x, logits = case.inputs(T, rng)
     out = cp.empty((T, spec.hidden_size), dtype=x.dtype)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -396,8 +445,10 @@ def test_bad_inputs_raise_clear_errors(case: Case, rng) -> None:
     assert empty.shape == (0, spec.hidden_size)
 
 
-@pytest.mark.parametrize("path", ("decode", "prefill"))
+@pytest.mark.parametrize("path", ("decode", "grouped", "prefill"))
 def test_non_finite_logits_give_nan_rows_for_those_tokens_only(case: Case, path: str, rng) -> None:
+    if path == "grouped":
+        grouped_or_skip(case)
     spec = case.spec
     T = 5
     x, logits = case.inputs(T, rng)
@@ -424,8 +475,9 @@ def test_profile_table_lists_each_phase(case: Case, rng) -> None:
     for T in (1, 100):
         x, logits = case.inputs(T, rng)
         layer.forward(x, logits)
+    small = layer.choose_path(1)
     table = layer.profile_table()
-    for phase in ("decode/route", "decode/gate_up_silu", "decode/down_combine", "prefill/align",
+    for phase in (f"{small}/route", f"{small}/gate_up_silu", f"{small}/down_combine", "prefill/align",
                   "prefill/gate_up_silu", "prefill/down", "prefill/combine", "prefill/total"):
         assert phase in table
 
@@ -485,5 +537,7 @@ def test_prebuilt_bundle_loads_without_compiler_and_refuses_mismatches(tmp_path,
 def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> None:
     """The tests above launch every family listed here; a new family must get tests of its own."""
     families = {e["family"] for e in case.bundle.manifest["kernels"]}
+    grouped = {"grouped_gate_up_silu", "grouped_down_combine"} if tuning.path_available("grouped", case.layer.variants) \
+        else set()
     assert families == {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
-                        "gemm_down", "combine"}
+                        "gemm_down", "combine"} | grouped

@@ -19,7 +19,7 @@ def manifest_variants(spec, arch: str = "sm_90") -> tuple[dict, dict]:
     available: dict[str, dict[str, list[str]]] = {}
     defaults: dict[str, str] = {}
     for e in json.loads(bundle_files(spec)[MANIFEST])["kernels"]:
-        if e["family"] not in tuning.PATH_FAMILIES["decode"] + tuning.PATH_FAMILIES["prefill"]:
+        if e["family"] not in {f for path in tuning.PATHS for f in tuning.PATH_FAMILIES[path]}:
             continue
         if e["default"]:
             defaults[e["family"]] = e["variant"]
@@ -41,7 +41,8 @@ def test_without_a_table_the_default_rule_picks_the_path_and_default_variants(sp
     available, defaults = manifest_variants(spec)
     for T in (1, spec.decode_max_tokens, spec.decode_max_tokens + 1, 4096):
         choice = tuning.choose(spec, T, available, defaults)
-        assert choice.path == ("decode" if T <= spec.decode_max_tokens else "prefill")
+        small = "grouped" if tuning.path_available("grouped", available) else "decode"
+        assert choice.path == (small if T <= spec.decode_max_tokens else "prefill")
         assert choice.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES[choice.path]}
         assert choice.source == tuning.DEFAULT_RULE
 
@@ -58,7 +59,7 @@ def test_a_tuning_table_changes_the_runtimes_choice(spec) -> None:
     ])
     at_3 = tuning.choose(spec, 3, available, defaults, table)
     assert at_3.path == "decode" and at_3.variants["gemv_gate_up_silu"] == other_gemv
-    assert tuning.choose(spec, 3, available, defaults).variants["gemv_gate_up_silu"] != other_gemv
+    assert tuning.choose(spec, 3, available, defaults).variants.get("gemv_gate_up_silu") != other_gemv
     at_6 = tuning.choose(spec, 6, available, defaults, table)  # bucket 8: prefill, even if the rule says decode
     assert at_6.path == "prefill" and at_6.variants["gemm_gate_up_silu"] == other_tile
     assert "bucket 8" in at_6.source
@@ -200,4 +201,8 @@ def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
     del data["variants"]
     spec = spec_from_dict(data)
     available, defaults = manifest_variants(spec, arch="sm_80")
-    assert {f: set(v) for f, v in available.items()} == {f: {d} for f, d in defaults.items()}
+    # the grouped kernels' two pass widths are not spec keys: they come with every bundle
+    grouped = set(tuning.PATH_FAMILIES["grouped"])
+    assert {f: set(v) for f, v in available.items() if f not in grouped} == \
+        {f: {d} for f, d in defaults.items() if f not in grouped}
+    assert all(set(available[f]) == {"t8", "t16"} for f in grouped)
