@@ -3,7 +3,8 @@ the winners into <bundle>/tuning/<gpu>.json, which the runtime then follows (fer
 
 For each bucket (powers of two from 1 to 4096) the tuner times both edges of the bucket
 (ferrum_gen.tuning.bucket_edges), under uniform and skewed routing, for every candidate: each path that can serve the bucket
-(decode only up to DECODE_TUNE_MAX tokens, where it can still win) with every combination of
+(decode only up to DECODE_TUNE_MAX tokens and grouped up to GROUPED_TUNE_MAX, where they can still win; a
+path the bundle has no kernels for is skipped) with every combination of
 its families' variants usable on this card. A candidate must first pass the reference check
 (bench.quick_check) at the bucket's largest count; one that fails can never win. The score
 is the sum of the medians over those runs, so one candidate serves both routings. When the time budget runs out, the buckets not yet

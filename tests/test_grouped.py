@@ -1,0 +1,78 @@
+"""The grouped path's families on CPU: which specs get them, their geometry, and the runtime's choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferrum_gen import __version__, tuning
+from ferrum_gen.enumerate import enumerate_kernels
+from ferrum_gen.families import grouped
+from ferrum_gen.families.base import SMEM_LIMIT
+from ferrum_gen.quant import QK_K
+from ferrum_gen.spec import load_spec, shipped_spec_names
+
+
+@pytest.fixture(params=shipped_spec_names())
+def spec(request):
+    return load_spec(request.param)
+
+
+def test_grouped_kernels_exist_exactly_where_gate_and_up_share_a_quant_type(spec) -> None:
+    families = {k.family for k in enumerate_kernels(spec)}
+    has = {"grouped_gate_up_silu", "grouped_down_combine"} <= families
+    assert has is (spec.quant.gate == spec.quant.up)
+    assert has is grouped.supported(spec)
+
+
+def test_grouped_geometry_splits_rows_evenly_and_fits_every_target_arch(spec) -> None:
+    for k in enumerate_kernels(spec):
+        if not k.family.startswith("grouped"):
+            continue
+        in_dim = spec.hidden_size if k.family == "grouped_gate_up_silu" else spec.intermediate_size
+        out_dim = spec.intermediate_size if k.family == "grouped_gate_up_silu" else spec.hidden_size
+        warps = k.values["WARPS"]
+        assert (in_dim // QK_K) % warps == 0 and 1 <= warps <= grouped.MAX_WARPS
+        assert out_dim % k.launch["rows_per_cta"] == 0 and k.launch["threads"] == 32 * warps
+        matrices = 2 if k.family == "grouped_gate_up_silu" else 1
+        smem = grouped.smem_bytes(warps, k.values["TOKENS"], matrices)
+        assert k.values["SMEM_BYTES"] == smem
+        for arch in spec.target_archs:
+            assert k.launch["smem_bytes"][arch.value] == smem <= SMEM_LIMIT[arch]
+
+
+def test_warps_take_the_largest_even_split_up_to_eight() -> None:
+    assert grouped.warps_for(2048) == 8  # 8 blocks
+    assert grouped.warps_for(768) == 3  # 3 blocks
+    assert grouped.warps_for(14336) == 8  # 56 blocks, 7 per warp
+    assert grouped.warps_for(256) == 1
+
+
+def _available(spec, with_grouped: bool) -> tuple[dict, dict]:
+    available: dict[str, dict[str, list]] = {}
+    defaults: dict[str, str] = {}
+    for k in enumerate_kernels(spec):
+        if k.family.startswith("grouped") and not with_grouped:
+            continue
+        if k.default:
+            defaults[k.family] = k.variant
+        available.setdefault(k.family, {}).setdefault(k.variant, []).append(k.uri)
+    return available, defaults
+
+
+def test_the_default_rule_takes_grouped_where_it_exists_and_decode_elsewhere() -> None:
+    spec = load_spec("qwen3moe")
+    for with_grouped, small in ((True, "grouped"), (False, "decode")):
+        available, defaults = _available(spec, with_grouped)
+        assert tuning.choose(spec, 1, available, defaults).path == small
+        assert tuning.choose(spec, spec.decode_max_tokens + 1, available, defaults).path == "prefill"
+
+
+def test_a_table_naming_a_path_without_kernels_gives_way_to_the_default_rule() -> None:
+    spec = load_spec("qwen3moe")
+    available, defaults = _available(spec, with_grouped=False)
+    table = tuning.TuningTable(spec.name, spec.spec_hash(), __version__, "NVIDIA H200", [
+        tuning.TuningEntry(1, "grouped", {"grouped_gate_up_silu": "t8", "grouped_down_combine": "t8"})])
+    choice = tuning.choose(spec, 1, available, defaults, table)
+    assert choice.path == "decode" and choice.source == tuning.DEFAULT_RULE
+    with pytest.raises(ValueError, match="grouped path has no kernels"):
+        tuning.choose(spec, 1, available, defaults, table, path="grouped")
