@@ -31,6 +31,11 @@ class Arg:
         return f"{self.ctype} __restrict__ {self.name}" if self.ctype.endswith("*") else f"{self.ctype} {self.name}"
 
 
+GATE_UP_WEIGHTS = (Arg("w_gate", "const u8*"), Arg("w_gate_d", "const __half*"),
+                   Arg("w_up", "const u8*"), Arg("w_up_d", "const __half*"))
+"""The gate and up expert stacks as every gate+up kernel takes them (bytes, then Q6_K block scales)."""
+DOWN_WEIGHTS = (Arg("w_down", "const u8*"), Arg("w_down_d", "const __half*"))
+
 DEFAULT_VARIANT = "default"
 
 
@@ -143,3 +148,54 @@ def pipeline_smem(spec: MoeSpec, field_hint: str, smem_for_stages, required: boo
             f"target arch allows; lower {field_hint}"
         )
     return per_arch, sorted(single)
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One prefill GEMM kernel's tile: its width, block size, and shared memory per target arch."""
+
+    n: int
+    block_size: int
+    default: bool
+    smem_per_arch: dict[str, int]
+    single_stage_archs: list[int]
+
+    @property
+    def archs(self) -> tuple[str, ...] | None:
+        """None for a default kernel (it must fit every target arch), else the archs this variant fits."""
+        return None if self.default else tuple(self.smem_per_arch)
+
+
+def gemm_tiles(spec: MoeSpec, key: str, default_n: int, variant_ns: tuple[int, ...], smem_for) -> list[GemmTile]:
+    """Every (tile width, block size) of a prefill GEMM family: the width prefill.<key> and each
+    width in variants.<key>, times the spec's block sizes. smem_for(block_size, n, stages) -> bytes."""
+    out = []
+    for n in (default_n, *variant_ns):
+        default = n == default_n
+        hint = f"prefill.block_sizes or prefill.{key}" if default else f"remove {n} from variants.{key}"
+        for bs in spec.prefill.block_sizes:
+            per_arch, single = pipeline_smem(spec, hint, lambda st, bs=bs, n=n: smem_for(bs, n, st), required=default)
+            out.append(GemmTile(n, bs, default, per_arch, single))
+    return out
+
+
+GEMM_THREADS = 128
+
+
+def gemm_kernel(tile: GemmTile, family: str, uri: str, values: dict[str, Any], args: tuple[Arg, ...],
+                out_dim: int) -> KernelSpec:
+    """A prefill GEMM kernel of `family` for one tile; `values` are the family's own template values."""
+    return KernelSpec(
+        uri=uri,
+        family=family,
+        template=f"{family}.cu.j2",
+        variant=f"n{tile.n}",
+        default=tile.default,
+        archs=tile.archs,
+        values={**values, "BS": tile.block_size, "THREADS": GEMM_THREADS,
+                "SINGLE_STAGE_ARCHS": tile.single_stage_archs},
+        args=args,
+        launch={"threads": GEMM_THREADS, "grid": "min(tiles for the largest plan, resident CTAs)",
+                "block_size": tile.block_size, "tile_n": tile.n, "n_tiles": out_dim // tile.n,
+                "smem_bytes": tile.smem_per_arch},
+    )

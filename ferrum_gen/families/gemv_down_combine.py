@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..spec import DEFAULT_GEMV_WARPS, MoeSpec
-from .base import ACT_CTYPE, Arg, KernelSpec, chunks_per_row, lanes_per_row, quant_struct
+from .base import ACT_CTYPE, DOWN_WEIGHTS, Arg, KernelSpec, chunks_per_row, lanes_per_row, quant_struct
 
 MAX_CHUNKS_IN_FLIGHT = 16
 """Chunks a lane may hold in registers at once: experts are loaded together up to this many chunks."""
@@ -42,8 +42,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                     Arg("a", "const float*"),
                     Arg("ids", "const int*"),
                     Arg("weights", "const float*"),
-                    Arg("w_down", "const u8*"),
-                    Arg("w_down_d", "const __half*"),
+                    *DOWN_WEIGHTS,
                     Arg("out", f"{ACT_CTYPE[dtype]}*"),
                 ),
                 launch={"threads": warps * 32, "grid": "(ceil(H / rows_per_cta), num_tokens)",

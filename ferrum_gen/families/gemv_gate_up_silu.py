@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..spec import DEFAULT_GEMV_WARPS, MoeSpec
-from .base import ACT_CTYPE, Arg, KernelSpec, chunks_per_row, lanes_per_row, quant_struct, quant_tag
+from .base import (
+    ACT_CTYPE, GATE_UP_WEIGHTS, Arg, KernelSpec, chunks_per_row, lanes_per_row, quant_struct, quant_tag,
+)
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
@@ -34,10 +36,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 args=(
                     Arg("x", f"const {ACT_CTYPE[dtype]}*"),
                     Arg("ids", "const int*"),
-                    Arg("w_gate", "const u8*"),
-                    Arg("w_gate_d", "const __half*"),
-                    Arg("w_up", "const u8*"),
-                    Arg("w_up_d", "const __half*"),
+                    *GATE_UP_WEIGHTS,
                     Arg("a", "float*"),
                 ),
                 launch={"threads": warps * 32, "grid": "(ceil(I / rows_per_cta), num_pairs)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..quant import QK_K, QuantType
 from ..spec import MoeSpec
-from .base import ACT_CTYPE, MMA_CTYPE, Arg, KernelSpec, quant_tag
+from .base import ACT_CTYPE, DOWN_WEIGHTS, GATE_UP_WEIGHTS, MMA_CTYPE, Arg, KernelSpec, quant_tag
 
 ROWS_PER_CTA = 16
 MAX_WARPS = 8
@@ -77,10 +77,7 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("x", f"const {ACT_CTYPE[dtype]}*"),
                 Arg("ids", "const int*"),
                 Arg("num_pairs", "int"),
-                Arg("w_gate", "const u8*"),
-                Arg("w_gate_d", "const __half*"),
-                Arg("w_up", "const u8*"),
-                Arg("w_up_d", "const __half*"),
+                *GATE_UP_WEIGHTS,
                 Arg("a", f"{MMA_CTYPE[dtype]}*"),
             ),
             launch=_launch(spec, warps, tokens, smem),
@@ -107,8 +104,7 @@ def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("ids", "const int*"),
                 Arg("weights", "const float*"),
                 Arg("num_pairs", "int"),
-                Arg("w_down", "const u8*"),
-                Arg("w_down_d", "const __half*"),
+                *DOWN_WEIGHTS,
                 Arg("y", "float*"),
                 Arg("counters", "int*"),
                 Arg("out", f"{ACT_CTYPE[dtype]}*"),
