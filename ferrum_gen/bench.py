@@ -1141,6 +1141,6 @@ def default_json_path(spec_name: str) -> str:
 __all__ = [
     "BenchError", "BenchOptions", "BenchResult", "Card", "Case", "Comparison", "apply_overrides", "build_layer",
     "compare", "copy_bandwidth", "expert_bytes", "figures", "full_report", "layer_flops", "load_result",
-    "make_input_sets", "make_logits", "matmul_rate", "paths_at", "plot", "poisoned_like", "quick_check", "reference_rows",
-    "register_weights", "routing_stats", "run_bench", "save_result", "summary_table", "time_graph",
+    "make_input_sets", "make_logits", "matmul_rate", "paths_at", "plot", "poisoned_like", "quick_check",
+    "reference_rows", "register_weights", "routing_stats", "run_bench", "save_result", "summary_table", "time_graph",
 ]

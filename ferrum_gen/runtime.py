@@ -238,7 +238,8 @@ class MoeLayer:
         return table
 
     def _decode_token_cap(self) -> int:
-        """The most tokens the decode path serves by itself (the rule's bound, or a tuned bucket's)."""
+        """The most tokens the decode-sized paths (decode, grouped) serve by default: the rule's bound
+        or a tuned bucket's. Their scratch is sized for it and grows if a path is forced beyond."""
         tuned = [e.bucket for e in self.tuning.entries if e.path != "prefill"] if self.tuning else []
         return min(self.max_tokens, max([self.spec.decode_max_tokens, *tuned]))
 

@@ -27,9 +27,9 @@ from .spec import MoeSpec
 log = logging.getLogger("ferrum_gen")
 
 DECODE_TUNE_MAX = 64
+"""The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 GROUPED_TUNE_MAX = 256
 """The grouped path is timed up to here: past it every expert has many tokens and prefill's GEMMs win."""
-"""The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 
 REPLAYS = 20
 GRAPH_BUDGET_S = 0.15

@@ -79,10 +79,10 @@ def path_available(path: str, available: Mapping[str, Mapping[str, Any]]) -> boo
     return all(available.get(family) for family in PATH_FAMILIES[path])
 
 
-def default_path(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+def default_path(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]]) -> str:
     if tokens > spec.decode_max_tokens:
         return "prefill"
-    return "grouped" if available is None or path_available("grouped", available) else "decode"
+    return "grouped" if path_available("grouped", available) else "decode"
 
 
 def gpu_slug(gpu_name: str) -> str:
