@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..quant import QK_K, QuantType, layout
-from ..spec import ActivationDtype, Arch, MoeSpec
+from ..spec import DEFAULT_GEMV_WARPS, ActivationDtype, Arch, MoeSpec
 
 THREADS_PER_WARP = 32
 
@@ -199,3 +199,25 @@ def gemm_kernel(tile: GemmTile, family: str, uri: str, values: dict[str, Any], a
                 "block_size": tile.block_size, "tile_n": tile.n, "n_tiles": out_dim // tile.n,
                 "smem_bytes": tile.smem_per_arch},
     )
+
+
+def gemv_kernels(spec: MoeSpec, family: str, uri_of, lanes_per_row: int, values: dict[str, Any],
+                 args: tuple[Arg, ...], grid: str) -> list[KernelSpec]:
+    """A decode GEMV family's kernels, one per warp count (the default and variants.gemv_warps).
+
+    uri_of(warps) names each kernel; `values` are the family's own template values."""
+    out = []
+    for warps in (DEFAULT_GEMV_WARPS, *spec.variants.gemv_warps):
+        rows_per_cta = warps * (THREADS_PER_WARP // lanes_per_row)
+        out.append(KernelSpec(
+            uri=uri_of(warps),
+            family=family,
+            template=f"{family}.cu.j2",
+            variant=f"w{warps}",
+            default=warps == DEFAULT_GEMV_WARPS,
+            values={**values, "LPR": lanes_per_row, "WARPS": warps, "ROWS_PER_CTA": rows_per_cta},
+            args=args,
+            launch={"threads": warps * THREADS_PER_WARP, "grid": grid, "rows_per_cta": rows_per_cta,
+                    "lanes_per_row": lanes_per_row, "smem_bytes": 0},
+        ))
+    return out

@@ -20,14 +20,17 @@ TOKEN_VARIANTS = (16,)
 GROUPED_STRUCT = {QuantType.Q4_K: "GroupedQ4K", QuantType.Q6_K: "GroupedQ6K"}
 MMA_BYTES = 2
 
+
 def warps_for(in_dim: int) -> int:
     """Warps per CTA: the most, up to MAX_WARPS, that split a row's blocks evenly."""
     blocks = in_dim // QK_K
     return max(w for w in range(1, MAX_WARPS + 1) if blocks % w == 0)
 
+
 def smem_bytes(warps: int, tokens: int, matrices: int) -> int:
     """Activations of one pass in lane order, plus the warps' partial sums."""
     return tokens * (warps * QK_K + 16) * MMA_BYTES + warps * matrices * ROWS_PER_CTA * tokens * 4
+
 
 def supported(spec: MoeSpec) -> bool:
     """The grouped kernels need gate and up of one quant type (one activation order) and 16-row tiles."""
@@ -35,80 +38,63 @@ def supported(spec: MoeSpec) -> bool:
     return (q.gate == q.up and spec.intermediate_size % ROWS_PER_CTA == 0
             and spec.hidden_size % ROWS_PER_CTA == 0)
 
-def _variants() -> list[tuple[str, int, bool]]:
-    return [(f"t{DEFAULT_TOKENS}", DEFAULT_TOKENS, True)] + [(f"t{t}", t, False) for t in TOKEN_VARIANTS]
 
-def _common_values(spec: MoeSpec, warps: int, tokens: int, qt: QuantType, smem: int) -> dict:
+def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim: int, matrices: int,
+             args: tuple[Arg, ...]) -> list[KernelSpec]:
+    """The family's kernel per tokens-per-pass variant (t8 the default)."""
+    if not supported(spec):
+        return []
     dtype = spec.activation_dtype
-    return {
-        "H": spec.hidden_size,
-        "I": spec.intermediate_size,
-        "E": spec.num_experts,
-        "K_TOP": spec.top_k,
-        "WARPS": warps,
-        "TOKENS": tokens,
-        "ACT_T": ACT_CTYPE[dtype],
-        "MMA_T": MMA_CTYPE[dtype],
-        "GROUPED_Q": GROUPED_STRUCT[qt],
-        "SMEM_BYTES": smem,
-    }
+    warps = warps_for(in_dim)
+    out = []
+    for tokens in (DEFAULT_TOKENS, *TOKEN_VARIANTS):
+        smem = smem_bytes(warps, tokens, matrices)
+        out.append(KernelSpec(
+            uri=f"{family}_{quant_name}_t{tokens}_{spec.shape_tag}_{dtype.value}",
+            family=family,
+            template=f"{family}.cu.j2",
+            variant=f"t{tokens}",
+            default=tokens == DEFAULT_TOKENS,
+            values={
+                "H": spec.hidden_size,
+                "I": spec.intermediate_size,
+                "E": spec.num_experts,
+                "K_TOP": spec.top_k,
+                "WARPS": warps,
+                "TOKENS": tokens,
+                "ACT_T": ACT_CTYPE[dtype],
+                "MMA_T": MMA_CTYPE[dtype],
+                "GROUPED_Q": GROUPED_STRUCT[qt],
+                "SMEM_BYTES": smem,
+            },
+            args=args,
+            launch={"threads": warps * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
+                    "rows_per_cta": ROWS_PER_CTA, "tokens_per_pass": tokens,
+                    "smem_bytes": {arch.value: smem for arch in spec.target_archs}},
+        ))
+    return out
 
-def _launch(spec: MoeSpec, warps: int, tokens: int, smem: int) -> dict:
-    return {"threads": warps * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
-            "rows_per_cta": ROWS_PER_CTA, "tokens_per_pass": tokens,
-            "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
-    if not supported(spec):
-        return []
     q, dtype = spec.quant, spec.activation_dtype
-    warps = warps_for(spec.hidden_size)
-    out = []
-    for variant, tokens, default in _variants():
-        smem = smem_bytes(warps, tokens, 2)
-        out.append(KernelSpec(
-            uri=f"grouped_gate_up_silu_{quant_tag(q.gate, q.up)}_{variant}_{spec.shape_tag}_{dtype.value}",
-            family="grouped_gate_up_silu",
-            template="grouped_gate_up_silu.cu.j2",
-            variant=variant,
-            default=default,
-            values=_common_values(spec, warps, tokens, q.gate, smem),
-            args=(
-                Arg("x", f"const {ACT_CTYPE[dtype]}*"),
-                Arg("ids", "const int*"),
-                Arg("num_pairs", "int"),
-                *GATE_UP_WEIGHTS,
-                Arg("a", f"{MMA_CTYPE[dtype]}*"),
-            ),
-            launch=_launch(spec, warps, tokens, smem),
-        ))
-    return out
+    return _kernels(spec, "grouped_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.hidden_size, 2, (
+        Arg("x", f"const {ACT_CTYPE[dtype]}*"),
+        Arg("ids", "const int*"),
+        Arg("num_pairs", "int"),
+        *GATE_UP_WEIGHTS,
+        Arg("a", f"{MMA_CTYPE[dtype]}*"),
+    ))
+
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
-    if not supported(spec):
-        return []
     qd, dtype = spec.quant.down, spec.activation_dtype
-    warps = warps_for(spec.intermediate_size)
-    out = []
-    for variant, tokens, default in _variants():
-        smem = smem_bytes(warps, tokens, 1)
-        out.append(KernelSpec(
-            uri=f"grouped_down_combine_{qd.value}_{variant}_{spec.shape_tag}_{dtype.value}",
-            family="grouped_down_combine",
-            template="grouped_down_combine.cu.j2",
-            variant=variant,
-            default=default,
-            values=_common_values(spec, warps, tokens, qd, smem),
-            args=(
-                Arg("a", f"const {MMA_CTYPE[dtype]}*"),
-                Arg("ids", "const int*"),
-                Arg("weights", "const float*"),
-                Arg("num_pairs", "int"),
-                *DOWN_WEIGHTS,
-                Arg("y", "float*"),
-                Arg("counters", "int*"),
-                Arg("out", f"{ACT_CTYPE[dtype]}*"),
-            ),
-            launch=_launch(spec, warps, tokens, smem),
-        ))
-    return out
+    return _kernels(spec, "grouped_down_combine", qd.value, qd, spec.intermediate_size, 1, (
+        Arg("a", f"const {MMA_CTYPE[dtype]}*"),
+        Arg("ids", "const int*"),
+        Arg("weights", "const float*"),
+        Arg("num_pairs", "int"),
+        *DOWN_WEIGHTS,
+        Arg("y", "float*"),
+        Arg("counters", "int*"),
+        Arg("out", f"{ACT_CTYPE[dtype]}*"),
+    ))
