@@ -19,7 +19,9 @@ comparison of two results, the plot) lives here too and is tested on the CPU.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
+import operator
 import shlex
 import subprocess
 import sys
@@ -601,11 +603,32 @@ def _torch():
     return torch if torch.cuda.is_available() else None
 
 
-def _event_times_ms(pairs: list) -> list[float]:
+def _event_times_ms(calls: Iterable[Callable[[], Any]], stream: Any = None) -> list[float]:
+    """Milliseconds of each call, timed with CuPy events on `stream` (the current stream when None)."""
     import cupy as cp
 
+    pairs = []
+    for call in calls:
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        call()
+        stop.record(stream)
+        pairs.append((start, stop))
     pairs[-1][1].synchronize()
     return [cp.cuda.get_elapsed_time(a, b) for a, b in pairs]
+
+
+def _torch_event_times_ms(torch: Any, calls: Iterable[Callable[[], Any]]) -> list[float]:
+    """Milliseconds of each call, timed with torch CUDA events on torch's current stream."""
+    pairs = []
+    for call in calls:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        stop.record()
+        pairs.append((start, stop))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in pairs]
 
 
 def copy_bandwidth() -> float:
@@ -617,14 +640,7 @@ def copy_bandwidth() -> float:
     src = cp.empty(n, dtype=cp.uint8)
     dst = cp.empty_like(src)
     dst[...] = src
-    pairs = []
-    for _ in range(10):
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        dst[...] = src
-        stop.record()
-        pairs.append((start, stop))
-    seconds = float(np.median(_event_times_ms(pairs))) / 1e3
+    seconds = float(np.median(_event_times_ms([functools.partial(operator.setitem, dst, Ellipsis, src)] * 10))) / 1e3
     del src, dst
     return 2 * n / seconds
 
@@ -638,15 +654,7 @@ def matmul_rate(prefer_torch: bool = True) -> float:
         b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
             torch.matmul(a, b)
-        times = []
-        for _ in range(reps):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.matmul(a, b)
-            stop.record()
-            times.append((start, stop))
-        torch.cuda.synchronize()
-        ms = float(np.median([s.elapsed_time(e) for s, e in times]))
+        ms = float(np.median(_torch_event_times_ms(torch, [lambda: torch.matmul(a, b)] * reps)))
     else:
         import cupy as cp
 
@@ -654,14 +662,7 @@ def matmul_rate(prefer_torch: bool = True) -> float:
         b = cp.random.standard_normal((n, n), dtype=cp.float32).astype(cp.float16)
         for _ in range(3):
             cp.matmul(a, b)
-        pairs = []
-        for _ in range(reps):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            cp.matmul(a, b)
-            stop.record()
-            pairs.append((start, stop))
-        ms = float(np.median(_event_times_ms(pairs)))
+        ms = float(np.median(_event_times_ms([lambda: cp.matmul(a, b)] * reps)))
     return 2.0 * n**3 / (ms / 1e3)
 
 
@@ -862,8 +863,6 @@ def time_graph(calls: Callable[[], Any], per_call_count: int, stream: Any, repla
     WARMUP_REPLAYS times, then `replays` times with CUDA events (fewer, but at least
     MIN_REPLAYS, when budget_s of GPU time would be exceeded). Each value is a replay's time / per_call_count.
     """
-    import cupy as cp
-
     with stream:
         calls()
         stream.begin_capture()
@@ -874,21 +873,9 @@ def time_graph(calls: Callable[[], Any], per_call_count: int, stream: Any, repla
         for _ in range(WARMUP_REPLAYS):
             graph.launch(stream)
         if budget_s is not None:
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            once_s = cp.cuda.get_elapsed_time(start, stop) / 1e3
+            once_s = _event_times_ms([functools.partial(graph.launch, stream)], stream)[0] / 1e3
             replays = max(min(replays, MIN_REPLAYS), min(replays, int(budget_s / max(once_s, 1e-9))))
-        pairs = []
-        for _ in range(replays):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            pairs.append((start, stop))
-        times_ms = _event_times_ms(pairs)
+        times_ms = _event_times_ms([functools.partial(graph.launch, stream)] * replays, stream)
     return np.asarray(times_ms, dtype=np.float64) * 1e3 / per_call_count
 
 
@@ -994,16 +981,8 @@ def time_torch(model: TorchMoe, inputs: Sequence[tuple[Any, Any]], runs: int = 2
     torch = model.torch
     for xt, lt in inputs[:3]:
         model.forward(xt, lt)
-    pairs = []
-    for i in range(max(runs, len(inputs))):
-        xt, lt = inputs[i % len(inputs)]
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model.forward(xt, lt)
-        stop.record()
-        pairs.append((start, stop))
-    torch.cuda.synchronize()
-    return float(np.median([s.elapsed_time(e) for s, e in pairs])) * 1e3
+    calls = [functools.partial(model.forward, *inputs[i % len(inputs)]) for i in range(max(runs, len(inputs)))]
+    return float(np.median(_torch_event_times_ms(torch, calls))) * 1e3
 
 
 # --- GPU: the run ------------------------------------------------------------------------------
