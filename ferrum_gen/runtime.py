@@ -165,13 +165,15 @@ class MoeLayer:
         self._args = {e["uri"]: tuple((a["name"], a["type"]) for a in e["args"]) for e in bundle.manifest["kernels"]}
         self.variants, self._default_variants = self._usable_variants()
         self._resident: dict[str, int] = {}
-        for path in tuning.PATHS:
-            for family in tuning.PATH_FAMILIES[path]:
-                for kernels in self.variants.get(family, {}).values():
-                    for kern in kernels:
-                        if isinstance(kern.launch["smem_bytes"], dict):
-                            self._set_smem(kern)
-                            self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
+        for family in tuning.TUNED_FAMILIES:
+            for kernels in self.variants.get(family, {}).values():
+                for kern in kernels:
+                    if isinstance(kern.launch["smem_bytes"], dict):  # per-arch dynamic shared memory
+                        self._set_smem(kern)
+        for family in tuning.PATH_FAMILIES["prefill"]:  # the persistent GEMM grids are sized by occupancy
+            for kernels in self.variants[family].values():
+                for kern in kernels:
+                    self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
         self.tuning = self._find_tuning(tuning_table)
 
         P = max_tokens * k
@@ -213,7 +215,7 @@ class MoeLayer:
         unusable: set[tuple[str, str]] = set()
         for e in self.bundle.manifest["kernels"]:
             fam, var = e["family"], e["variant"]
-            if fam not in {f for path in tuning.PATHS for f in tuning.PATH_FAMILIES[path]}:
+            if fam not in tuning.TUNED_FAMILIES:
                 continue
             if e["default"]:
                 defaults[fam] = var

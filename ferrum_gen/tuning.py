@@ -37,6 +37,7 @@ PATH_FAMILIES: dict[str, tuple[str, ...]] = {
     "prefill": ("gemm_gate_up_silu", "gemm_down"),
 }
 """The families of each path that come in variants (router, align and combine have one kernel)."""
+TUNED_FAMILIES = frozenset(f for families in PATH_FAMILIES.values() for f in families)
 
 BUCKETS = tuple(2**i for i in range(13))
 """Token-count buckets the tuner times: powers of two from 1 to 4096."""

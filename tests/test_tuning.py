@@ -19,7 +19,7 @@ def manifest_variants(spec, arch: str = "sm_90") -> tuple[dict, dict]:
     available: dict[str, dict[str, list[str]]] = {}
     defaults: dict[str, str] = {}
     for e in json.loads(bundle_files(spec)[MANIFEST])["kernels"]:
-        if e["family"] not in {f for path in tuning.PATHS for f in tuning.PATH_FAMILIES[path]}:
+        if e["family"] not in tuning.TUNED_FAMILIES:
             continue
         if e["default"]:
             defaults[e["family"]] = e["variant"]
