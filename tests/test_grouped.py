@@ -9,7 +9,7 @@ from ferrum_gen.enumerate import enumerate_kernels
 from ferrum_gen.families import grouped
 from ferrum_gen.families.base import SMEM_LIMIT
 from ferrum_gen.quant import QK_K
-from ferrum_gen.spec import load_spec, shipped_spec_names
+from ferrum_gen.spec import ActivationDtype, load_spec, shipped_spec_names
 
 
 @pytest.fixture(params=shipped_spec_names())
@@ -17,11 +17,17 @@ def spec(request):
     return load_spec(request.param)
 
 
-def test_grouped_kernels_exist_exactly_where_gate_and_up_share_a_quant_type(spec) -> None:
+def test_grouped_kernels_exist_exactly_where_gate_and_up_share_a_quant_type_and_x_is_16_bit(spec) -> None:
     families = {k.family for k in enumerate_kernels(spec)}
     has = {"grouped_gate_up_silu", "grouped_down_combine"} <= families
-    assert has is (spec.quant.gate == spec.quant.up)
+    assert has is (spec.quant.gate == spec.quant.up and spec.activation_dtype is not ActivationDtype.F32)
     assert has is grouped.supported(spec)
+
+
+def test_float32_activations_get_no_grouped_kernels() -> None:
+    spec = load_spec("qwen3moe").model_copy(update={"activation_dtype": ActivationDtype.F32})
+    assert not grouped.supported(spec)
+    assert not any(k.family.startswith("grouped") for k in enumerate_kernels(spec))
 
 
 def test_grouped_geometry_splits_rows_evenly_and_fits_every_target_arch(spec) -> None:

@@ -8,7 +8,7 @@ and up to `tokens` tokens go through the mma's N side per pass (more take more p
 from __future__ import annotations
 
 from ..quant import QK_K, QuantType
-from ..spec import MoeSpec
+from ..spec import ActivationDtype, MoeSpec
 from .base import ACT_CTYPE, DOWN_WEIGHTS, GATE_UP_WEIGHTS, MMA_CTYPE, Arg, KernelSpec, quant_tag
 
 ROWS_PER_CTA = 16
@@ -33,10 +33,11 @@ def smem_bytes(warps: int, tokens: int, matrices: int) -> int:
 
 
 def supported(spec: MoeSpec) -> bool:
-    """The grouped kernels need gate and up of one quant type (one activation order) and 16-row tiles."""
+    """The grouped kernels need gate and up of one quant type (one activation order), 16-row
+    tiles, and 16-bit activations (x is copied into shared memory as it is, as the mma's B)."""
     q = spec.quant
     return (q.gate == q.up and spec.intermediate_size % ROWS_PER_CTA == 0
-            and spec.hidden_size % ROWS_PER_CTA == 0)
+            and spec.hidden_size % ROWS_PER_CTA == 0 and spec.activation_dtype is not ActivationDtype.F32)
 
 
 def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim: int, matrices: int,
