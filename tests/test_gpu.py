@@ -236,7 +236,8 @@ def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
 
 def grouped_or_skip(case: Case) -> None:
     if not tuning.path_available("grouped", case.layer.variants):
-        pytest.skip(f"spec {case.spec.name} has no grouped kernels (gate and up differ in quant type)")
+        pytest.skip(f"spec {case.spec.name} has no grouped kernels "
+                    "(gate and up differ in quant type, or f32 activations)")
 
 
 def one_expert_logits(case: Case, T: int):
