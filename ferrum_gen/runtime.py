@@ -8,7 +8,9 @@ Paths (which one serves T, and which kernel variants, is `MoeLayer.choose(T)`: t
 tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
 - grouped (by default T <= spec.decode_max_tokens, where the spec has its kernels): router ->
   gate+up+SiLU -> down with the weighted combine fused, each CTA one distinct expert's 16-row
-  tile times all of that expert's tokens on tensor cores, so each expert is read once.
+  tile times all of that expert's tokens on tensor cores, so each expert is read once. Its
+  gate+up variant r8 (up to 8 tokens, where the tuning table picks it) is also the router:
+  two launches.
 - decode (the GEMVs, one (token, expert) pair per grid row: the default where grouped is
   missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
   Both decode-sized paths run with no host synchronisation and no allocation when `out` is
@@ -16,7 +18,8 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
 - prefill (larger T): router -> align (device) -> grouped gate+up+SiLU GEMM -> grouped
   down GEMM -> combine. Also free of host synchronisation.
 - host routing (FERRUM_MOE_HOST_ROUTE=1): routing and the align plan computed in numpy
-  and uploaded, for debugging; it synchronises.
+  and uploaded, for debugging; it synchronises, and the routing gate+up variant gives way to
+  its family's default.
 
 Input rules: x is [T, H] in the spec's activation dtype (bf16: a torch.bfloat16 tensor, or
 a CuPy uint16/int16 array holding bf16 bits); router_logits is [T, E] in float32, float16
@@ -255,6 +258,12 @@ class MoeLayer:
         if path not in ("auto", *tuning.PATHS):
             raise ValueError(f"path={path!r}: use 'auto' or one of {tuning.PATHS}")
         choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
+        # a variant that cannot serve this call (r8 beyond its tokens, or with routing on the host)
+        # gives way to its family's default
+        fitting = {f: v if self.variant_refusal(f, v, tokens) is None else self._default_variants[f]
+                   for f, v in choice.variants.items()}
+        if fitting != dict(choice.variants):
+            choice = dataclasses.replace(choice, variants=fitting)
         if not variants:
             return choice
         for family, variant in variants.items():
@@ -264,7 +273,26 @@ class MoeLayer:
             if variant not in self.variants[family]:
                 raise ValueError(f"{family} has no variant {variant!r} usable on {self.bundle.arch}; it has "
                                  f"{sorted(self.variants[family])}")
+            refusal = self.variant_refusal(family, variant, tokens)
+            if refusal is not None:
+                raise ValueError(f"{family} variant {variant!r} {refusal}")
         return dataclasses.replace(choice, variants={**choice.variants, **variants}, source="forced")
+
+    def variant_refusal(self, family: str, variant: str, tokens: int) -> str | None:
+        """Why a variant cannot serve `tokens` tokens here, or None when it can."""
+        launch = self.variants[family][variant][0].launch
+        if tokens > launch.get("max_tokens", math.inf):
+            return f"serves at most {launch['max_tokens']} tokens, not {tokens}"
+        if launch.get("routes") and self.settings.host_route:
+            return "routes on the device, and FERRUM_MOE_HOST_ROUTE=1 asks for routing on the host"
+        return None
+
+    def routes_in_gate_up(self, choice: tuning.Choice) -> bool:
+        """Whether the chosen gate+up kernel is also the router (no router launch)."""
+        if choice.path != "grouped":
+            return False
+        (kern,) = self.variants["grouped_gate_up_silu"][choice.variants["grouped_gate_up_silu"]]
+        return bool(kern.launch.get("routes"))
 
     def choose_path(self, tokens: int) -> str:
         """The path path='auto' takes for `tokens`: the one rule the runtime, tests and bench share."""
@@ -276,7 +304,7 @@ class MoeLayer:
     def selected_kernels(self, tokens: int, path: str = "auto") -> dict[str, str]:
         """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
         choice = self.choose(tokens, path)
-        out = {"router": self.k_router.uri}
+        out = {} if self.routes_in_gate_up(choice) else {"router": self.k_router.uri}
         if choice.path == "prefill":
             out["align"] = self.k_align.uri
         for family, variant in choice.variants.items():
@@ -289,7 +317,7 @@ class MoeLayer:
         """Kernel launches of one forward call with float32 router logits."""
         choice = self.choose(tokens, path)
         if choice.path in ("decode", "grouped"):
-            return 3
+            return 2 if self.routes_in_gate_up(choice) else 3
         per_gemm = 1 if self.settings.block_size_override else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
         align = 0 if self.settings.host_route else 1
@@ -379,13 +407,15 @@ class MoeLayer:
             if check_finite:
                 self._raise_on_non_finite(logits)
             host = self.settings.host_route
-            if host:
+            if self.routes_in_gate_up(choice):
+                pass  # the gate+up kernel routes (its launch is the route phase's too)
+            elif host:
                 self._route_on_host(logits, T, plan=choice.path == "prefill")
             else:
                 self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
                              logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
-            run = {"decode": self._decode, "grouped": self._grouped,
+            run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits),
                    "prefill": functools.partial(self._prefill, plan_ready=host)}[choice.path]
             run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
@@ -423,7 +453,7 @@ class MoeLayer:
         ])
 
     def _grouped(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
-                 stop_after: str | None) -> None:
+                 stop_after: str | None, logits: Any) -> None:
         cp = _cupy()
         spec = self.spec
         if stop_after == "route":
@@ -439,8 +469,8 @@ class MoeLayer:
         self._steps(stream, events, stop_after, [
             ("gate_up_silu", lambda: self._launch(
                 kg, (I // kg.launch["rows_per_cta"], slots), stream, kg.launch["smem_bytes"][arch],
-                x=xc, ids=self.ids, num_pairs=P, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
-                w_up_d=self.up.d, a=self.a_sorted)),
+                x=xc, logits=logits, num_tokens=T, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
+                w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)),
             ("down_combine", lambda: self._launch(
                 kd, (H // kd.launch["rows_per_cta"], slots), stream, kd.launch["smem_bytes"][arch],
                 a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,

@@ -58,7 +58,9 @@ def candidates(layer, bucket: int) -> list[Candidate]:
         if path == "grouped" and bucket > GROUPED_TUNE_MAX:
             continue
         families = tuning.PATH_FAMILIES[path]
-        for combo in itertools.product(*(sorted(layer.variants[f]) for f in families)):
+        serving = [sorted(v for v in layer.variants[f] if layer.variant_refusal(f, v, bucket) is None)
+                   for f in families]
+        for combo in itertools.product(*serving):
             out.append(Candidate(path, tuple(zip(families, combo))))
     return out
 

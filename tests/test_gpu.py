@@ -130,13 +130,15 @@ class Case:
         return out
 
 
-def variant_sets(layer, path: str) -> list[dict[str, str]]:
+def variant_sets(layer, path: str, tokens: int | None = None) -> list[dict[str, str]]:
     """Variant choices that run every usable variant of each of the path's families at least once
-    (the i-th set takes each family's i-th variant, or its default when it has fewer)."""
+    (the i-th set takes each family's i-th variant, or its default when it has fewer); with
+    `tokens`, only the variants that serve that many tokens."""
     from ferrum_gen.tuning import PATH_FAMILIES
 
     families = PATH_FAMILIES[path]
-    per_family = {f: sorted(layer.variants[f]) for f in families}
+    per_family = {f: sorted(v for v in layer.variants[f]
+                            if tokens is None or layer.variant_refusal(f, v, tokens) is None) for f in families}
     longest = max(len(v) for v in per_family.values())
     return [{f: (vs[i] if i < len(vs) else layer._default_variants[f]) for f, vs in per_family.items()}
             for i in range(longest)]
@@ -254,7 +256,7 @@ def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
     tol = LAYER_TOL[spec.activation_dtype]
     P = T * spec.top_k
     mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
-    for variants in variant_sets(case.layer, "grouped"):
+    for variants in variant_sets(case.layer, "grouped", T):
         for routing in ("normal", "one expert"):
             x, logits = case.inputs(T, rng)
             if routing == "one expert":
@@ -266,6 +268,35 @@ def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
             assert rel_err(case.layer.y_grouped[:P], ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
             assert not bool(case.layer.tile_counters.any()), "a row tile's counter was not reset"
+
+
+@pytest.mark.parametrize("T", (1, 3, 8))
+def test_the_routing_gate_up_variant_routes_as_the_router_does(case: Case, T: int, rng) -> None:
+    """r8 routes inside gate+up (no router launch): the same ids and weights, bit for bit, so the
+    same output; a token with a NaN logit still gets the NaN row."""
+    grouped_or_skip(case)
+    P = T * case.spec.top_k
+    x, logits = case.inputs(T, rng)
+    if T >= 3:
+        logits[1, 0] = cp.nan
+    routed = {}
+    for variant in ("t8", "r8"):
+        out = case.run(x, logits, "grouped", {"grouped_gate_up_silu": variant})
+        routed[variant] = (case.layer.ids[:P].copy(), case.layer.weights[:P].view(cp.uint32).copy(),
+                           out.view(cp.uint16).copy())  # bits: NaN rows compare equal
+    for before, after in zip(routed["t8"], routed["r8"]):
+        assert bool((before == after).all())
+    for variant, routes in (("t8", False), ("r8", True)):
+        choice = case.layer.choose(T, "grouped", {"grouped_gate_up_silu": variant})
+        assert case.layer.routes_in_gate_up(choice) is routes
+
+
+def test_the_routing_variant_serves_only_its_token_count(case: Case, rng) -> None:
+    grouped_or_skip(case)
+    x, logits = case.inputs(9, rng)
+    with pytest.raises(ValueError, match="serves at most 8 tokens, not 9"):
+        case.layer.forward(x, logits, path="grouped", variants={"grouped_gate_up_silu": "r8"})
+    assert case.layer.choose(9, "grouped").variants["grouped_gate_up_silu"] != "r8"
 
 
 @pytest.mark.parametrize("T", (1, 9, 33))

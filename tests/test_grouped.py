@@ -82,3 +82,45 @@ def test_a_table_naming_a_path_without_kernels_gives_way_to_the_default_rule() -
     assert choice.path == "decode" and choice.source == tuning.DEFAULT_RULE
     with pytest.raises(ValueError, match="grouped path has no kernels"):
         tuning.choose(spec, 1, available, defaults, table, path="grouped")
+
+
+def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_arguments(spec) -> None:
+    kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
+    if not grouped.supported(spec):
+        assert not kernels
+        return
+    r8 = kernels[("grouped_gate_up_silu", "r8")]
+    assert r8.launch["routes"] and r8.launch["max_tokens"] == grouped.ROUTED_TOKENS and not r8.default
+    assert ("grouped_down_combine", "r8") not in kernels
+    t8 = kernels[("grouped_gate_up_silu", "t8")]
+    assert r8.args == t8.args and "routes" not in t8.launch  # the runtime launches both alike
+
+
+def _fake_layer(spec, env: dict[str, str]):
+    """What tune.candidates reads of a MoeLayer, with the real variant_refusal."""
+    from types import SimpleNamespace
+
+    from ferrum_gen.runtime import MoeLayer
+    from ferrum_gen.settings import Settings
+
+    variants: dict[str, dict[str, list]] = {}
+    for k in enumerate_kernels(spec):
+        if k.family in tuning.TUNED_FAMILIES:
+            variants.setdefault(k.family, {}).setdefault(k.variant, []).append(SimpleNamespace(launch=k.launch))
+    layer = SimpleNamespace(spec=spec, variants=variants, settings=Settings.from_env(env))
+    layer.variant_refusal = lambda f, v, t: MoeLayer.variant_refusal(layer, f, v, t)
+    return layer
+
+
+def test_the_tuner_times_the_routing_variant_only_where_it_serves() -> None:
+    from ferrum_gen.tune import candidates
+
+    spec = load_spec("qwen3moe")
+
+    def routing_candidates(layer, bucket):
+        return [c for c in candidates(layer, bucket) if ("grouped_gate_up_silu", "r8") in c.variants]
+
+    layer = _fake_layer(spec, {})
+    assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == 2  # with each down variant
+    assert not routing_candidates(layer, 2 * grouped.ROUTED_TOKENS)
+    assert not routing_candidates(_fake_layer(spec, {"FERRUM_MOE_HOST_ROUTE": "1"}), 1)

@@ -16,6 +16,9 @@ MAX_WARPS = 8
 DEFAULT_TOKENS = 8
 TOKEN_VARIANTS = (16,)
 """Tokens per pass beside the default: the tuner picks per token count."""
+ROUTED_TOKENS = 8
+"""The gate+up variant that is also the router (r8) serves at most this many tokens: every CTA
+routes all of them, which pays only while they are few."""
 
 GROUPED_STRUCT = {QuantType.Q4_K: "GroupedQ4K", QuantType.Q6_K: "GroupedQ6K"}
 MMA_BYTES = 2
@@ -41,21 +44,30 @@ def supported(spec: MoeSpec) -> bool:
 
 
 def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim: int, matrices: int,
-             args: tuple[Arg, ...]) -> list[KernelSpec]:
-    """The family's kernel per tokens-per-pass variant (t8 the default)."""
+             args: tuple[Arg, ...], routes: bool = False) -> list[KernelSpec]:
+    """The family's kernel per tokens-per-pass variant (t8 the default), and with `routes` the
+    variant that is also the router (r8: t8's tiles, at most ROUTED_TOKENS tokens)."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
     warps = warps_for(in_dim)
+    variants = [(f"t{t}", t, False) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
+    if routes:
+        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True))
     out = []
-    for tokens in (DEFAULT_TOKENS, *TOKEN_VARIANTS):
+    for variant, tokens, routing in variants:
         smem = smem_bytes(warps, tokens, matrices)
+        launch = {"threads": warps * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
+                  "rows_per_cta": ROWS_PER_CTA, "tokens_per_pass": tokens,
+                  "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
+        if routing:
+            launch.update(routes=True, max_tokens=ROUTED_TOKENS)
         out.append(KernelSpec(
-            uri=f"{family}_{quant_name}_t{tokens}_{spec.shape_tag}_{dtype.value}",
+            uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
             family=family,
             template=f"{family}.cu.j2",
-            variant=f"t{tokens}",
-            default=tokens == DEFAULT_TOKENS,
+            variant=variant,
+            default=variant == f"t{DEFAULT_TOKENS}",
             values={
                 "H": spec.hidden_size,
                 "I": spec.intermediate_size,
@@ -67,24 +79,29 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "MMA_T": MMA_CTYPE[dtype],
                 "GROUPED_Q": GROUPED_STRUCT[qt],
                 "SMEM_BYTES": smem,
+                **({"ROUTES": "true" if routing else "false",
+                    "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
+                    "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if routes else {}),
             },
             args=args,
-            launch={"threads": warps * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
-                    "rows_per_cta": ROWS_PER_CTA, "tokens_per_pass": tokens,
-                    "smem_bytes": {arch.value: smem for arch in spec.target_archs}},
+            launch=launch,
         ))
     return out
 
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
+    # one signature for every variant, so the runtime launches them alike: the routing variant
+    # reads logits and writes ids and weights, the others read ids
     return _kernels(spec, "grouped_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.hidden_size, 2, (
         Arg("x", f"const {ACT_CTYPE[dtype]}*"),
-        Arg("ids", "const int*"),
-        Arg("num_pairs", "int"),
+        Arg("logits", "const float*"),
+        Arg("num_tokens", "int"),
+        Arg("ids", "int*"),
+        Arg("weights", "float*"),
         *GATE_UP_WEIGHTS,
         Arg("a", f"{MMA_CTYPE[dtype]}*"),
-    ))
+    ), routes=True)
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
