@@ -223,6 +223,9 @@ class BenchResult(BaseModel):
     card: Card
     choice: str = ""
     """Where the runtime's kernel choices came from: the card's tuning table or the default rule."""
+    dependent_launch: str = ""
+    """"on" when the grouped path launched its kernels as programmatic dependents, else why not
+    (MoeLayer.pdl_off_reason); empty in results written before it was recorded."""
     rotations: int
     seed: int
     routing_stats: list[RoutingStats]
@@ -516,6 +519,8 @@ def full_report(result: BenchResult) -> str:
     if clocks is not None:
         head.append(f"clocks: SM {clocks.sm_mhz} MHz (max {clocks.sm_max_mhz}), memory {clocks.memory_mhz} MHz "
                     f"(max {clocks.memory_max_mhz})")
+    if result.dependent_launch:
+        head.append(f"programmatic dependent launch (grouped path): {result.dependent_launch}")
     parts = ["\n".join(head), routing_table(result), torch_table(result)]
     if any(c.split is not None for c in result.cases):
         parts.append(split_table(result))
@@ -1026,6 +1031,8 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     choice_source = "default rule (--default-rule)" if options.default_rule else (
         f"tuning table {layer.tuning.source}" if layer.tuning else "default rule (no tuning table for this card)")
     _progress(f"kernel choice: {choice_source}")
+    dependent_launch = "on" if layer.pdl_off_reason is None else layer.pdl_off_reason
+    _progress(f"programmatic dependent launch: {dependent_launch}")
     torch_model, torch_note = None, ""
     if not options.torch_baseline:
         torch_note = "skipped (--no-torch)"
@@ -1101,6 +1108,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
         del sets, out
     return BenchResult(
         spec_name=spec.name, spec_hash=spec.spec_hash(), environment=env, card=card, choice=choice_source,
+        dependent_launch=dependent_launch,
         rotations=options.rotations,
         seed=options.seed, routing_stats=stats, cases=cases,
         torch=TorchBaseline(available=torch_model is not None, note=torch_note,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .compile import INSTALL_CUPY, CupyMissingError, compiler_version, require_cupy
+from .launch import pdl_unavailable
 from .spec import Arch, MoeSpec, load_spec, shipped_spec_names
 
 __all__ = ["Finding", "run_checks", "format_report", "stale_files", "cache_entries", "clear_cache",
@@ -171,6 +172,11 @@ def _check_gpu() -> tuple[list[Finding], str | None]:
                                + ("Blackwell (sm_100 and later) is not supported yet" if newer
                                   else "older GPUs lack the tensor-core instructions it uses")
                                + "; use a supported GPU"))
+        if arch in SUPPORTED_ARCHS:
+            # a speed feature, not a requirement: reported, never a failed check
+            reason = pdl_unavailable(arch)
+            out.append(Finding(f"{label} dependent launch", "on (the grouped path's kernels overlap)" if reason is None
+                               else f"off, plain launches: {reason}"))
     return out, first
 
 

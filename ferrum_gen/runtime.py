@@ -10,7 +10,9 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   gate+up+SiLU -> down with the weighted combine fused, each CTA one distinct expert's 16-row
   tile times all of that expert's tokens on tensor cores, so each expert is read once. Its
   gate+up variant r8 (up to 8 tokens, where the tuning table picks it) is also the router:
-  two launches.
+  two launches. Otherwise, on sm_90+ with cuda-bindings, gate+up and down are launched as
+  programmatic dependents (ferrum_gen/launch.py; FERRUM_MOE_PDL=0 turns it off): each starts
+  while the kernel before it ends.
 - decode (the GEMVs, one (token, expert) pair per grid row: the default where grouped is
   missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
   Both decode-sized paths run with no host synchronisation and no allocation when `out` is
@@ -43,6 +45,7 @@ import numpy as np
 
 from . import reference, tuning
 from .bundle import Kernel, KernelBundle
+from .launch import DependentLauncher, pdl_unavailable
 from .quant import QuantType, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
@@ -178,6 +181,9 @@ class MoeLayer:
                 for kern in kernels:
                     self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
         self.tuning = self._find_tuning(tuning_table)
+        self.pdl_off_reason = "FERRUM_MOE_PDL=0" if not self.settings.pdl else pdl_unavailable(bundle.arch)
+        """None when the grouped path launches its kernels as programmatic dependents; else why not."""
+        self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
         P = max_tokens * k
         max_bs = max(spec.prefill.block_sizes)
@@ -344,15 +350,31 @@ class MoeLayer:
         tiles = math.ceil((num_pairs + self.spec.num_experts * (bs - 1)) / bs) * kern.launch["n_tiles"]
         return min(tiles, self._resident[kern.uri]), kern.launch["smem_bytes"][self.bundle.arch]
 
-    def _launch(self, kern: Kernel, grid: tuple[int, ...], stream: Any, smem: int = 0, **args: Any) -> None:
-        """Launch with arguments by name, passed in the order of the kernel's manifest entry."""
+    def _launch(self, kern: Kernel, grid: tuple[int, ...], stream: Any, smem: int = 0, dependent: bool = False,
+                **args: Any) -> None:
+        """Launch with arguments by name, passed in the order of the kernel's manifest entry.
+
+        dependent: as a programmatic dependent of the kernel before it in the stream (the kernel
+        must call fg::grid_wait before touching that kernel's results); only where PDL is in use.
+        """
         declared = self._args[kern.uri]
         names = {n for n, _ in declared}
         if set(args) != names:
             raise TypeError(f"{kern.uri}: missing arguments {sorted(names - set(args))}, "
                             f"unexpected {sorted(set(args) - names)}")
+        if dependent and self._dependent is not None:
+            self._dependent.launch(kern.function.ptr, grid, kern.launch["threads"], smem, stream.ptr, [
+                (int(args[n]), True) if t == "int" else (args[n].data.ptr, False) for n, t in declared])
+            return
         values = tuple(np.int32(args[n]) if t == "int" else args[n] for n, t in declared)
         kern.function(grid, (kern.launch["threads"],), values, shared_mem=smem, stream=stream)
+
+    def uses_pdl(self, choice: tuning.Choice) -> bool:
+        """Whether this call's gate+up and down kernels are launched as programmatic dependents: on
+        the grouped path with the router kernel before them (its ids are what down reads before it
+        waits for gate+up), where PDL is usable (pdl_off_reason)."""
+        return (self._dependent is not None and choice.path == "grouped" and not self.settings.host_route
+                and not self.routes_in_gate_up(choice))
 
     def _phase(self, name: str, stream: Any, events: list | None) -> None:
         if events is not None:
@@ -466,13 +488,14 @@ class MoeLayer:
         (kd,) = self.variants["grouped_down_combine"][choice.variants["grouped_down_combine"]]
         slots = min(P, E)  # CTAs past the call's distinct experts exit at once
         arch = self.bundle.arch
+        dependent = self.uses_pdl(choice)
         self._steps(stream, events, stop_after, [
             ("gate_up_silu", lambda: self._launch(
-                kg, (I // kg.launch["rows_per_cta"], slots), stream, kg.launch["smem_bytes"][arch],
+                kg, (I // kg.launch["rows_per_cta"], slots), stream, kg.launch["smem_bytes"][arch], dependent,
                 x=xc, logits=logits, num_tokens=T, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
                 w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)),
             ("down_combine", lambda: self._launch(
-                kd, (H // kd.launch["rows_per_cta"], slots), stream, kd.launch["smem_bytes"][arch],
+                kd, (H // kd.launch["rows_per_cta"], slots), stream, kd.launch["smem_bytes"][arch], dependent,
                 a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,
                 w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
         ])

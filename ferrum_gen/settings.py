@@ -6,6 +6,7 @@
 | FERRUM_MOE_BLOCK_SIZE | prefill block size override; must be one of the spec's prefill.block_sizes | unset: the padding rule picks |
 | FERRUM_MOE_HOST_ROUTE | 1: route in numpy on the host and upload the plan (debugging; synchronises) | 0 |
 | FERRUM_MOE_PROFILE | 1: time each phase with CUDA events and keep a table (synchronises) | 0 |
+| FERRUM_MOE_PDL | 1: launch the grouped path's gate+up and down kernels as programmatic dependents of the kernel before them (sm_90+, needs cuda-bindings; see ferrum_gen/launch.py); 0: plain launches | 1 |
 
 A malformed value raises SettingsError naming the variable; nothing falls back silently.
 Numbers are ASCII digits only (no sign, spaces, '_' or other scripts' digits), flags exactly 0 or 1.
@@ -25,13 +26,14 @@ class SettingsError(ValueError):
     """A FERRUM_* variable holds a value that cannot be used."""
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":
-        return False
+        return default
     if raw in ("0", "1"):
         return raw == "1"
-    raise SettingsError(f"{name}={raw!r}: set it to 1 to enable or 0 (or unset) to disable")
+    unset = "1 (or unset) to enable or 0 to disable" if default else "1 to enable or 0 (or unset) to disable"
+    raise SettingsError(f"{name}={raw!r}: set it to {unset}")
 
 
 def _block_size(env: Mapping[str, str], name: str) -> int | None:
@@ -100,6 +102,7 @@ class Settings:
     block_size_override: int | None
     host_route: bool
     profile: bool
+    pdl: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -109,6 +112,7 @@ class Settings:
             block_size_override=_block_size(env, "FERRUM_MOE_BLOCK_SIZE"),
             host_route=_flag(env, "FERRUM_MOE_HOST_ROUTE"),
             profile=_flag(env, "FERRUM_MOE_PROFILE"),
+            pdl=_flag(env, "FERRUM_MOE_PDL", default=True),
         )
 
     def check_block_size(self, allowed: tuple[int, ...]) -> None:

@@ -302,6 +302,15 @@ def test_report_ends_with_the_short_table_and_marks_failures() -> None:
     assert "DIFFERS BY 28%" in report  # 20 us of parts against 27.7 us whole
 
 
+def test_report_says_whether_the_grouped_path_ran_with_dependent_launches(tmp_path) -> None:
+    plain = make_result(BASE)
+    assert "dependent launch" not in bench.full_report(plain)  # an older result: not recorded
+    off = plain.model_copy(update={"dependent_launch": "FERRUM_MOE_PDL=0"})
+    assert "programmatic dependent launch (grouped path): FERRUM_MOE_PDL=0" in bench.full_report(off)
+    bench.save_result(off, tmp_path / "r.json")
+    assert bench.load_result(tmp_path / "r.json").dependent_launch == "FERRUM_MOE_PDL=0"
+
+
 def test_plot_writes_a_png_from_a_saved_json(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is in the dev extra")
     saved = _save(tmp_path, "r.json", BASE)

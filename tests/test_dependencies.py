@@ -57,8 +57,11 @@ def test_gguf_lower_bound_is_exactly_the_first_version_with_reader_field_content
 
 def test_cuda_extras_name_the_cupy_of_each_cuda_major(project) -> None:
     extras = {k: _requirements(v) for k, v in project["optional-dependencies"].items()}
-    assert set(extras["cuda12"]) == {"cupy-cuda12x"}
-    assert set(extras["cuda13"]) == {"cupy-cuda13x"}
+    assert set(extras["cuda12"]) == {"cupy-cuda12x", "cuda-bindings"}
+    assert set(extras["cuda13"]) == {"cupy-cuda13x", "cuda-bindings"}
+    # each CUDA major's driver bindings (programmatic dependent launch: cuLaunchKernelEx)
+    assert str(extras["cuda12"]["cuda-bindings"].specifier) == "<13,>=12.8"
+    assert _lower_bound(extras["cuda13"]["cuda-bindings"]) >= Version("13.0")
     # cupy-cuda13x exists from CuPy 13.6 on; a lower bound below that cannot be resolved
     assert _lower_bound(extras["cuda13"]["cupy-cuda13x"]) >= Version("13.6")
     assert extras["gpu"] == extras["cuda13"], "the gpu extra is an alias of cuda13"

@@ -311,6 +311,80 @@ def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: in
     assert rel_err(pre, from_act(first, dtype)) <= LAYER_TOL[dtype]
 
 
+@pytest.mark.parametrize("T", (1, 9, 33))
+def test_down_variants_with_more_row_tiles_give_the_bits_of_one_tile(case: Case, T: int, rng) -> None:
+    """t8m32 and t8m64 run t8's warps side by side in one CTA (shared token search and copy of a):
+    each output's sum runs in the same order, so y and the output are t8's bit for bit."""
+    grouped_or_skip(case)
+    multi = [v for v in case.layer.variants["grouped_down_combine"] if case.layer.variants[
+        "grouped_down_combine"][v][0].launch["rows_per_cta"] > 16]
+    if not multi:
+        pytest.skip(f"spec {case.spec.name} has no multi-tile down variants")
+    P = T * case.spec.top_k
+    for routing in ("normal", "one expert"):
+        x, logits = case.inputs(T, rng)
+        if routing == "one expert":
+            logits = one_expert_logits(case, T)
+        want = case.run(x, logits, "grouped", {"grouped_down_combine": "t8"}).copy()
+        want_y = case.layer.y_grouped[:P].copy()
+        for variant in multi:
+            got = case.run(x, logits, "grouped", {"grouped_down_combine": variant})
+            cp.testing.assert_array_equal(got, want, err_msg=f"{variant} {routing}")
+            cp.testing.assert_array_equal(case.layer.y_grouped[:P], want_y, err_msg=f"{variant} {routing}")
+            assert not bool(case.layer.tile_counters.any()), "a row group's counter was not reset"
+
+
+def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launches(case: Case, rng) -> None:
+    """On sm_90+ with cuda-bindings the grouped path launches gate+up and down as programmatic
+    dependents (the down kernel starts while gate+up ends): the output, a and y are bit for bit
+    those of plain launches (FERRUM_MOE_PDL=0), in eager calls and in a replayed CUDA graph."""
+    from ferrum_gen.launch import pdl_unavailable
+    from ferrum_gen.runtime import MoeLayer
+
+    grouped_or_skip(case)
+    reason = pdl_unavailable(case.bundle.arch)
+    assert case.layer.pdl_off_reason == reason
+    if reason is not None:
+        pytest.skip(f"no programmatic dependent launch here: {reason}")
+    plain = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 64,
+                     settings=Settings.from_env({"FERRUM_MOE_PDL": "0"}))
+    assert plain.pdl_off_reason == "FERRUM_MOE_PDL=0"
+    for T in (1, 3, 9, 33, 64):
+        for variants in variant_sets(case.layer, "grouped", T):
+            x, logits = case.inputs(T, rng)
+            P = T * case.spec.top_k
+            choice = case.layer.choose(T, "grouped", variants)
+            assert case.layer.uses_pdl(choice) is not case.layer.routes_in_gate_up(choice)
+            assert not plain.uses_pdl(choice)
+            got = case.run(x, logits, "grouped", variants)
+            want = plain.forward(x, logits, path="grouped", variants=variants)
+            cp.cuda.get_current_stream().synchronize()
+            where = (T, variants)
+            cp.testing.assert_array_equal(got, want, err_msg=str(where))
+            cp.testing.assert_array_equal(case.layer.a_sorted[:P], plain.a_sorted[:P], err_msg=str(where))
+            cp.testing.assert_array_equal(case.layer.y_grouped[:P], plain.y_grouped[:P], err_msg=str(where))
+    # a captured graph keeps the programmatic edges: replays on new inputs match plain launches
+    T = 9
+    x, logits = case.inputs(T, rng)
+    out = cp.empty((T, case.spec.hidden_size), dtype=x.dtype)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        case.layer.forward(x, logits, out=out, path="grouped")
+        stream.begin_capture()
+        case.layer.forward(x, logits, out=out, path="grouped")
+        graph = stream.end_capture()
+    assert case.layer.uses_pdl(case.layer.choose(T, "grouped"))
+    for _ in range(3):
+        x2, logits2 = case.inputs(T, rng)
+        x[...] = x2
+        logits[...] = logits2
+        poison(out)
+        cp.cuda.get_current_stream().synchronize()  # the writes above are on another stream
+        graph.launch(stream)
+        stream.synchronize()
+        cp.testing.assert_array_equal(out, plain.forward(x, logits, path="grouped"))
+
+
 def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
     """variant_sets covers each usable variant; on sm_90 every variant of the shipped specs is usable."""
     for path in [p for p in tuning.PATHS if tuning.path_available(p, case.layer.variants)]:

@@ -37,10 +37,13 @@ def test_grouped_geometry_splits_rows_evenly_and_fits_every_target_arch(spec) ->
         in_dim = spec.hidden_size if k.family == "grouped_gate_up_silu" else spec.intermediate_size
         out_dim = spec.intermediate_size if k.family == "grouped_gate_up_silu" else spec.hidden_size
         warps = k.values["WARPS"]
+        row_tiles = k.values.get("ROW_TILES", 1)  # down's multi-tile variants: a group of warps a tile
         assert (in_dim // QK_K) % warps == 0 and 1 <= warps <= grouped.MAX_WARPS
-        assert out_dim % k.launch["rows_per_cta"] == 0 and k.launch["threads"] == 32 * warps
+        assert k.launch["rows_per_cta"] == grouped.ROWS_PER_CTA * row_tiles
+        assert out_dim % k.launch["rows_per_cta"] == 0 and k.launch["threads"] == 32 * warps * row_tiles
+        assert k.launch["threads"] <= 1024
         matrices = 2 if k.family == "grouped_gate_up_silu" else 1
-        smem = grouped.smem_bytes(warps, k.values["TOKENS"], matrices)
+        smem = grouped.smem_bytes(warps, k.values["TOKENS"], matrices, row_tiles)
         assert k.values["SMEM_BYTES"] == smem
         for arch in spec.target_archs:
             assert k.launch["smem_bytes"][arch.value] == smem <= SMEM_LIMIT[arch]
@@ -121,6 +124,7 @@ def test_the_tuner_times_the_routing_variant_only_where_it_serves() -> None:
         return [c for c in candidates(layer, bucket) if ("grouped_gate_up_silu", "r8") in c.variants]
 
     layer = _fake_layer(spec, {})
-    assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == 2  # with each down variant
+    down_variants = len(layer.variants["grouped_down_combine"])
+    assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == down_variants  # with each of them
     assert not routing_candidates(layer, 2 * grouped.ROUTED_TOKENS)
     assert not routing_candidates(_fake_layer(spec, {"FERRUM_MOE_HOST_ROUTE": "1"}), 1)

@@ -10,7 +10,8 @@ import pytest
 
 from ferrum_gen.settings import Settings, SettingsError, get_settings
 
-VARIABLES = ("FERRUM_GEN_CACHE", "FERRUM_MOE_BLOCK_SIZE", "FERRUM_MOE_HOST_ROUTE", "FERRUM_MOE_PROFILE")
+VARIABLES = ("FERRUM_GEN_CACHE", "FERRUM_MOE_BLOCK_SIZE", "FERRUM_MOE_HOST_ROUTE", "FERRUM_MOE_PROFILE",
+             "FERRUM_MOE_PDL")
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def clean_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
 def test_defaults() -> None:
     s = Settings.from_env({"XDG_CACHE_HOME": "/xdg"})
     assert s == Settings(
-        cache_dir=Path("/xdg/ferrum-gen"), block_size_override=None, host_route=False, profile=False
+        cache_dir=Path("/xdg/ferrum-gen"), block_size_override=None, host_route=False, profile=False, pdl=True
     )
 
 
@@ -83,6 +84,13 @@ def test_cache_dir_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.cache_dir == tmp_path / "kernels"
 
 
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("", True)])
+def test_programmatic_dependent_launch_is_on_unless_turned_off(value: str, expected: bool) -> None:
+    s = Settings.from_env({"FERRUM_MOE_PDL": value})
+    assert s.pdl is expected
+    assert (s.host_route, s.profile) == (False, False)
+
+
 def test_all_variables_together(tmp_path: Path) -> None:
     s = Settings.from_env(
         {
@@ -90,10 +98,11 @@ def test_all_variables_together(tmp_path: Path) -> None:
             "FERRUM_MOE_BLOCK_SIZE": "32",
             "FERRUM_MOE_HOST_ROUTE": "1",
             "FERRUM_MOE_PROFILE": "1",
+            "FERRUM_MOE_PDL": "0",
             "FERRUM_SOMETHING_ELSE": "whatever",  # other FERRUM_* variables (the Rust engine's) are ignored
         }
     )
-    assert s == Settings(cache_dir=tmp_path, block_size_override=32, host_route=True, profile=True)
+    assert s == Settings(cache_dir=tmp_path, block_size_override=32, host_route=True, profile=True, pdl=False)
 
 
 # --- invalid values ------------------------------------------------------------
@@ -123,6 +132,8 @@ BAD_VALUES = [
     ("FERRUM_MOE_PROFILE", "true", ["'true'", "1 to enable", "0"]),
     ("FERRUM_MOE_PROFILE", "on", ["'on'", "1 to enable"]),
     ("FERRUM_MOE_PROFILE", " 1", ["' 1'", "1 to enable"]),
+    ("FERRUM_MOE_PDL", "off", ["'off'", "1 (or unset) to enable or 0 to disable"]),
+    ("FERRUM_MOE_PDL", "false", ["'false'", "0 to disable"]),
     ("FERRUM_GEN_CACHE", _a_file, ["not a directory", "point it at a directory"]),
     ("FERRUM_GEN_CACHE", _below_a_file, ["is a file", "point it at a directory"]),
 ]

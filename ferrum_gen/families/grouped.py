@@ -19,6 +19,11 @@ TOKEN_VARIANTS = (16,)
 ROUTED_TOKENS = 8
 """The gate+up variant that is also the router (r8) serves at most this many tokens: every CTA
 routes all of them, which pays only while they are few."""
+DOWN_ROW_TILES = (2, 4)
+"""Down variants whose CTA takes this many 16-row tiles (one group of warps each, sharing the
+token search and the copy of a): t8m32 and t8m64. Down's CTAs are small (a row of I has few
+blocks), so their fixed costs weigh; gate+up's are not (its CTAs already hold 256 threads at
+80 registers)."""
 
 GROUPED_STRUCT = {QuantType.Q4_K: "GroupedQ4K", QuantType.Q6_K: "GroupedQ6K"}
 MMA_BYTES = 2
@@ -30,9 +35,9 @@ def warps_for(in_dim: int) -> int:
     return max(w for w in range(1, MAX_WARPS + 1) if blocks % w == 0)
 
 
-def smem_bytes(warps: int, tokens: int, matrices: int) -> int:
-    """Activations of one pass in lane order, plus the warps' partial sums."""
-    return tokens * (warps * QK_K + 16) * MMA_BYTES + warps * matrices * ROWS_PER_CTA * tokens * 4
+def smem_bytes(warps: int, tokens: int, matrices: int, row_tiles: int = 1) -> int:
+    """Activations of one pass in lane order, plus the warps' partial sums (per row tile)."""
+    return tokens * (warps * QK_K + 16) * MMA_BYTES + row_tiles * warps * matrices * ROWS_PER_CTA * tokens * 4
 
 
 def supported(spec: MoeSpec) -> bool:
@@ -43,22 +48,27 @@ def supported(spec: MoeSpec) -> bool:
             and spec.hidden_size % ROWS_PER_CTA == 0 and spec.activation_dtype is not ActivationDtype.F32)
 
 
-def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim: int, matrices: int,
-             args: tuple[Arg, ...], routes: bool = False) -> list[KernelSpec]:
-    """The family's kernel per tokens-per-pass variant (t8 the default), and with `routes` the
-    variant that is also the router (r8: t8's tiles, at most ROUTED_TOKENS tokens)."""
+def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim: int, out_dim: int,
+             matrices: int, args: tuple[Arg, ...], gate_up: bool) -> list[KernelSpec]:
+    """The family's kernel per variant: one per tokens-per-pass count (t8 the default); for gate+up
+    also the one that is the router (r8: t8's tiles, at most ROUTED_TOKENS tokens); for down also
+    t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows)."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
     warps = warps_for(in_dim)
-    variants = [(f"t{t}", t, False) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
-    if routes:
-        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True))
+    # (name, tokens per pass, routes, 16-row tiles per CTA)
+    variants = [(f"t{t}", t, False, 1) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
+    if gate_up:
+        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1))
+    else:
+        variants += [(f"t{DEFAULT_TOKENS}m{ROWS_PER_CTA * rt}", DEFAULT_TOKENS, False, rt)
+                     for rt in DOWN_ROW_TILES if out_dim % (ROWS_PER_CTA * rt) == 0]
     out = []
-    for variant, tokens, routing in variants:
-        smem = smem_bytes(warps, tokens, matrices)
-        launch = {"threads": warps * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
-                  "rows_per_cta": ROWS_PER_CTA, "tokens_per_pass": tokens,
+    for variant, tokens, routing, row_tiles in variants:
+        smem = smem_bytes(warps, tokens, matrices, row_tiles)
+        launch = {"threads": warps * row_tiles * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
+                  "rows_per_cta": ROWS_PER_CTA * row_tiles, "tokens_per_pass": tokens,
                   "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
         if routing:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
@@ -81,7 +91,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "SMEM_BYTES": smem,
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
-                    "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if routes else {}),
+                    "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
             },
             args=args,
             launch=launch,
@@ -93,7 +103,8 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     # one signature for every variant, so the runtime launches them alike: the routing variant
     # reads logits and writes ids and weights, the others read ids
-    return _kernels(spec, "grouped_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.hidden_size, 2, (
+    return _kernels(spec, "grouped_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.hidden_size,
+                    spec.intermediate_size, 2, (
         Arg("x", f"const {ACT_CTYPE[dtype]}*"),
         Arg("logits", "const float*"),
         Arg("num_tokens", "int"),
@@ -101,12 +112,12 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
         Arg("weights", "float*"),
         *GATE_UP_WEIGHTS,
         Arg("a", f"{MMA_CTYPE[dtype]}*"),
-    ), routes=True)
+    ), gate_up=True)
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
-    return _kernels(spec, "grouped_down_combine", qd.value, qd, spec.intermediate_size, 1, (
+    return _kernels(spec, "grouped_down_combine", qd.value, qd, spec.intermediate_size, spec.hidden_size, 1, (
         Arg("a", f"const {MMA_CTYPE[dtype]}*"),
         Arg("ids", "const int*"),
         Arg("weights", "const float*"),
@@ -115,4 +126,4 @@ def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
         Arg("y", "float*"),
         Arg("counters", "int*"),
         Arg("out", f"{ACT_CTYPE[dtype]}*"),
-    ))
+    ), gate_up=False)
