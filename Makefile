@@ -26,15 +26,17 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Only the dependencies are installed (the package runs from this checkout through
-# PYTHONPATH), so no build backend is needed where there is no package index.
+# PYTHONPATH), so no build backend is needed where there is no package index. cuda-bindings
+# (programmatic dependent launch, ferrum_gen/launch.py) is optional: without it, plain launches.
 $(GPU_STAMP): pyproject.toml scripts/requirements.py
 	$(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
 	$(GPU_PYTHON) -c "import site; print(*site.getsitepackages(), sep='\n')" \
 	  > "$$($(GPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/gpu-python.pth"
 	$(GPU_PYTHON) scripts/requirements.py > $(GPU_VENV)/requirements.txt
 	echo "pytest>=8" >> $(GPU_VENV)/requirements.txt
-	echo "cuda-bindings" >> $(GPU_VENV)/requirements.txt  # programmatic dependent launch (launch.py)
 	$(GPU_VENV)/bin/python -m pip install --quiet $(PIP_SOURCE) -r $(GPU_VENV)/requirements.txt
+	$(GPU_VENV)/bin/python -m pip install --quiet $(PIP_SOURCE) cuda-bindings \
+	  || echo "cuda-bindings not installed: the grouped path runs without programmatic dependent launch"
 	touch $@
 
 gpu-venv: $(GPU_STAMP)
