@@ -19,6 +19,7 @@ from . import __version__
 from .compile import INSTALL_CUPY, CupyMissingError, compiler_version, require_cupy
 from .launch import pdl_unavailable
 from .spec import Arch, MoeSpec, load_spec, shipped_spec_names
+from .tuning import gpu_slug, table_path as tuning_table_path  # the runtime's lookup, not a copy
 
 __all__ = ["Finding", "run_checks", "format_report", "stale_files", "cache_entries", "clear_cache",
            "gpu_slug", "tuning_table_path", "format_size"]
@@ -62,15 +63,6 @@ def stale_files(spec: MoeSpec, bundle: Path) -> list[tuple[Path, str]]:
         elif path.read_text() != want[fname]:
             out.append((path, "differs from the generator's output"))
     return out
-
-
-def gpu_slug(name: str) -> str:
-    """'NVIDIA H200' -> 'nvidia_h200': the file name of a card's tuning table."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def tuning_table_path(bundle: Path, gpu_name: str) -> Path:
-    return bundle / "tuning" / f"{gpu_slug(gpu_name)}.json"
 
 
 def cache_entries(root: Path) -> list[Path]:

@@ -25,7 +25,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from tqdm.auto import tqdm
 
-from .gguf_io import GgufError, MixedQuantWarning, PathOrReader, open_gguf, quant_types_by_layer, spec_from_gguf
+from .gguf_io import (GgufError, MixedQuantWarning, PathOrReader, _file_name, _reader, quant_types_by_layer,
+                      spec_from_gguf)
 from .spec import ActivationDtype, Arch, MoeSpec, QuantType, spec_from_dict
 
 if TYPE_CHECKING:  # the runtime needs CuPy; planning and router weights do not
@@ -47,14 +48,6 @@ _ROUTER_TYPES = {
 
 def router_tensor_name(layer: int) -> str:
     return f"blk.{layer}.ffn_gate_inp.weight"
-
-
-def _reader(path_or_reader: PathOrReader) -> GGUFReader:
-    return path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
-
-
-def _file_name(reader: GGUFReader) -> str:
-    return str(getattr(reader.data, "filename", None) or "<GGUF file>")
 
 
 def read_router_weight(path_or_reader: PathOrReader, layer: int, spec: MoeSpec) -> np.ndarray:
