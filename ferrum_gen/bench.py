@@ -1031,8 +1031,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     choice_source = "default rule (--default-rule)" if options.default_rule else (
         f"tuning table {layer.tuning.source}" if layer.tuning else "default rule (no tuning table for this card)")
     _progress(f"kernel choice: {choice_source}")
-    dependent_launch = "on" if layer.pdl_off_reason is None else layer.pdl_off_reason
-    _progress(f"programmatic dependent launch: {dependent_launch}")
+    _progress(f"programmatic dependent launch: {layer.pdl_status}")
     torch_model, torch_note = None, ""
     if not options.torch_baseline:
         torch_note = "skipped (--no-torch)"
@@ -1108,7 +1107,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
         del sets, out
     return BenchResult(
         spec_name=spec.name, spec_hash=spec.spec_hash(), environment=env, card=card, choice=choice_source,
-        dependent_launch=dependent_launch,
+        dependent_launch=layer.pdl_status,
         rotations=options.rotations,
         seed=options.seed, routing_stats=stats, cases=cases,
         torch=TorchBaseline(available=torch_model is not None, note=torch_note,

@@ -369,6 +369,11 @@ class MoeLayer:
         values = tuple(np.int32(args[n]) if t == "int" else args[n] for n, t in declared)
         kern.function(grid, (kern.launch["threads"],), values, shared_mem=smem, stream=stream)
 
+    @property
+    def pdl_status(self) -> str:
+        """What the bench and the tuner record: "on", or why programmatic dependent launch is off."""
+        return "on" if self.pdl_off_reason is None else self.pdl_off_reason
+
     def uses_pdl(self, choice: tuning.Choice) -> bool:
         """Whether this call's gate+up and down kernels are launched as programmatic dependents: on
         the grouped path with the router kernel before them (its ids are what down reads before it
@@ -437,9 +442,10 @@ class MoeLayer:
                 self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
                              logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
-            run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits),
-                   "prefill": functools.partial(self._prefill, plan_ready=host)}[choice.path]
-            run(xc, out_c, T, choice, stream, events, stop_after)
+            if stop_after != "route":
+                run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits),
+                       "prefill": functools.partial(self._prefill, plan_ready=host)}[choice.path]
+                run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
             self._record_profile(choice.path, events)
         return out_user
@@ -456,8 +462,6 @@ class MoeLayer:
     def _decode(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
                 stop_after: str | None) -> None:
         spec = self.spec
-        if stop_after == "route":
-            return
         P = T * spec.top_k
         if self.a_decode.shape[0] < P:  # decode forced at a large T (tests, comparisons): grow once
             self.a_decode = _cupy().empty((P, spec.intermediate_size), dtype=_cupy().float32)
@@ -478,8 +482,6 @@ class MoeLayer:
                  stop_after: str | None, logits: Any) -> None:
         cp = _cupy()
         spec = self.spec
-        if stop_after == "route":
-            return
         H, I, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
         P = T * spec.top_k
         if self.y_grouped.shape[0] < P:  # grouped forced at a large T (tests, comparisons): grow once
@@ -504,8 +506,6 @@ class MoeLayer:
                  stop_after: str | None, plan_ready: bool) -> None:
         cp = _cupy()
         spec = self.spec
-        if stop_after == "route":
-            return
         P = T * spec.top_k
         override = self.settings.block_size_override
         gate_up = self.variants["gemm_gate_up_silu"][choice.variants["gemm_gate_up_silu"]]

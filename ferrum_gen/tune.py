@@ -154,7 +154,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "cupy": cp.__version__,
             "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
             "driver": cp.cuda.runtime.driverGetVersion(),
-            "dependent_launch": "on" if layer.pdl_off_reason is None else layer.pdl_off_reason,
+            "dependent_launch": layer.pdl_status,
         },
     )
     path = table.save(tuning.table_path(Path(out_root) / spec.name, layer.gpu_name))
