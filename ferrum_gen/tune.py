@@ -6,9 +6,13 @@ For each bucket (powers of two from 1 to 4096) the tuner times both edges of the
 (decode only up to DECODE_TUNE_MAX tokens and grouped up to GROUPED_TUNE_MAX, where they can still win; a
 path the bundle has no kernels for is skipped) with every combination of
 its families' variants usable on this card. A candidate must first pass the reference check
-(bench.quick_check) at the bucket's largest count; one that fails can never win. The score
-is the sum of the medians over those runs, so one candidate serves both routings. When the time budget runs out, the buckets not yet
-tuned get the default rule's choice and the table says it is incomplete.
+(bench.quick_check) at the bucket's largest count; one that fails can never win. One candidate
+serves both routings and both edges, so the winner (pick_winner) is the one whose worst run,
+relative to the fastest candidate of that run, is least slow; among those within
+WORST_CASE_SLACK of it, the smallest sum of the medians. (Summing alone let a bucket trade one
+edge's large loss for smaller gains at the others: a tile 59 % slower at one edge won.) When the
+time budget runs out, the buckets not yet tuned get the default rule's choice and the table says
+it is incomplete.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ DECODE_TUNE_MAX = 64
 """The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 GROUPED_TUNE_MAX = 256
 """The grouped path is timed up to here: past it every expert has many tokens and prefill's GEMMs win."""
+
+WORST_CASE_SLACK = 0.03
+"""Candidates whose worst run is within this fraction of the least-slow worst run tie on it; the
+smallest sum of the medians wins among them (timing noise is about 1 %)."""
 
 REPLAYS = 20
 GRAPH_BUDGET_S = 0.15
@@ -65,6 +73,24 @@ def candidates(layer, bucket: int) -> list[Candidate]:
     return out
 
 
+def _candidate(path: str, variants: dict[str, str]) -> Candidate:
+    """The candidate of a table entry, its families in the path's order (as candidates() names them)."""
+    return Candidate(path, tuple(sorted(variants.items(), key=lambda fv: tuning.PATH_FAMILIES[path].index(fv[0]))))
+
+
+def pick_winner(runs: dict[Candidate, list[float]]) -> Candidate:
+    """The candidate whose slowest run relative to that run's fastest candidate is the least slow
+    (within WORST_CASE_SLACK), then the smallest sum. runs: candidate -> median us per run, every
+    candidate timed on the same runs in the same order."""
+    count = {len(r) for r in runs.values()}
+    if len(count) != 1:
+        raise ValueError(f"candidates were timed on different numbers of runs: {sorted(count)}")
+    fastest = [min(col) for col in zip(*runs.values())]
+    worst = {c: max(t / f for t, f in zip(r, fastest)) for c, r in runs.items()}
+    bound = min(worst.values()) * (1 + WORST_CASE_SLACK)
+    return min((c for c in runs if worst[c] <= bound), key=lambda c: sum(runs[c]))
+
+
 def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
     choice = tuning.choose(layer.spec, bucket, layer.variants, layer._default_variants, None)
     return tuning.TuningEntry(bucket, choice.path, dict(choice.variants))
@@ -98,16 +124,15 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             entries.append(_default_entry(layer, bucket))
             bar.update(len(routings) * len(tuning.bucket_edges(bucket)) * len(cands))
             continue
-        scores = {c: 0.0 for c in cands}
+        runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
-        defaults[str(bucket)] = Candidate(rule.path, tuple(sorted(rule.variants.items(),
-                                          key=lambda fv: tuning.PATH_FAMILIES[rule.path].index(fv[0])))).name
+        defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
         for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket), reverse=True)]:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)
             for cand in cands:
-                if cand not in scores:
+                if cand not in runs:
                     bar.update(1)
                     continue
                 variants = dict(cand.variants)
@@ -119,7 +144,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                     if not ok:
                         rejected[f"{bucket}:{cand.name}"] = f"rel err {err:.3g}"
                         log.warning("tune: %s at T=%d fails the reference check (rel err %.3g)", cand.name, T, err)
-                        del scores[cand]
+                        del runs[cand]
                         bar.update(1)
                         continue
 
@@ -127,13 +152,14 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                     for x, logits in sets:
                         layer.forward(x, logits, out=out, path=cand.path, variants=variants)
 
-                scores[cand] += float(np.median(time_graph(calls, len(sets), stream, REPLAYS, budget_s=GRAPH_BUDGET_S)))
+                runs[cand].append(float(np.median(time_graph(calls, len(sets), stream, REPLAYS,
+                                                             budget_s=GRAPH_BUDGET_S))))
                 bar.update(1)
-        if not scores:
+        if not runs:
             raise RuntimeError(f"tune: no candidate passed the reference check at bucket {bucket}: {rejected}")
-        best = min(scores, key=scores.get)
+        best = pick_winner(runs)
         entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
-                                          {c.name: v for c, v in scores.items()}))
+                                          {c.name: sum(r) for c, r in runs.items()}))
     bar.close()
     table = tuning.TuningTable(
         spec_name=spec.name, spec_hash=spec.spec_hash(), generator_version=__version__, gpu=layer.gpu_name,
@@ -145,8 +171,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "rotations": rotations,
             "replays": REPLAYS,
             "routings": list(routings),
-            "score": "sum over the routings and the bucket's edges of the median microseconds per forward "
-                     "(CUDA-graph replay)",
+            "score": "timings_us: sum over the routings and the bucket's edges of the median microseconds per "
+                     "forward (CUDA-graph replay); winner: least worst run relative to that run's fastest "
+                     f"candidate (ties within {WORST_CASE_SLACK:.0%}), then least sum",
             "rejected": rejected,
             "default_rule_candidates": defaults,
             "date": time.strftime("%Y-%m-%d"),
@@ -162,12 +189,13 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
 
 
 def describe(table: tuning.TuningTable) -> str:
-    """The table as rows: bucket, path, variants, winning time and the default's time."""
+    """The table as rows: bucket, path, variants, the winner's time, the least summed time and the default's."""
     rows = ["microseconds summed over the timed runs of each bucket (its edges, each routing)",
-            f"{'bucket':>6} {'path':<8} {'variants':<40} {'best us':>9} {'default us':>10}"]
+            f"{'bucket':>6} {'path':<8} {'variants':<40} {'chosen us':>9} {'least us':>9} {'default us':>10}"]
     for e in sorted(table.entries, key=lambda e: e.bucket):
         variants = ",".join(f"{v}" for _, v in sorted(e.variants.items()))
-        best = min(e.timings_us.values()) if e.timings_us else float("nan")
+        chosen = e.timings_us.get(_candidate(e.path, e.variants).name, float("nan"))
+        least = min(e.timings_us.values()) if e.timings_us else float("nan")
         default = e.timings_us.get(table.meta.get("default_rule_candidates", {}).get(str(e.bucket), ""), float("nan"))
-        rows.append(f"{e.bucket:>6} {e.path:<8} {variants:<40} {best:>9.1f} {default:>10.1f}")
+        rows.append(f"{e.bucket:>6} {e.path:<8} {variants:<40} {chosen:>9.1f} {least:>9.1f} {default:>10.1f}")
     return "\n".join(rows)

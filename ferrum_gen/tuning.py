@@ -5,8 +5,9 @@ the **default rule** applies: for T <= spec.decode_max_tokens the grouped path (
 expert-grouped tensor-core kernels) where the spec has it, else the decode path (GEMVs);
 prefill above; each family with its default variant (the kernel the spec's own keys describe).
 A tuning table (`ferrum-gen tune` writes one per GPU into <bundle>/tuning/<gpu>.json)
-records, per token-count bucket, the path and the variant of each tuned family that ran
-fastest on that card; T uses the bucket of the smallest tuned token count >= T (the largest
+records, per token-count bucket, the path and the variant of each tuned family that won on
+that card (the least worst case over the bucket's edges and routings, then the fastest: see
+ferrum_gen.tune); T uses the bucket of the smallest tuned token count >= T (the largest
 bucket above the last one). A table is used only for the spec hash, generator version and
 GPU name it was made for.
 

@@ -312,26 +312,34 @@ def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: in
 
 
 @pytest.mark.parametrize("T", (1, 9, 33))
-def test_down_variants_with_more_row_tiles_give_the_bits_of_one_tile(case: Case, T: int, rng) -> None:
-    """t8m32 and t8m64 run t8's warps side by side in one CTA (shared token search and copy of a):
-    each output's sum runs in the same order, so y and the output are t8's bit for bit."""
+def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: int, rng) -> None:
+    """Every grouped variant gives each of a warp's accumulators the same blocks in the same order
+    and adds the warps' partial sums in the same order: t16 (two token fragments a pass), r8 (routes
+    itself) and t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
+    copy of a) give the chosen variants' a, y and output bit for bit; and the row tiles' counters
+    are back at zero."""
     grouped_or_skip(case)
-    multi = [v for v in case.layer.variants["grouped_down_combine"] if case.layer.variants[
-        "grouped_down_combine"][v][0].launch["rows_per_cta"] > 16]
-    if not multi:
-        pytest.skip(f"spec {case.spec.name} has no multi-tile down variants")
     P = T * case.spec.top_k
+    layer = case.layer
     for routing in ("normal", "one expert"):
         x, logits = case.inputs(T, rng)
         if routing == "one expert":
             logits = one_expert_logits(case, T)
-        want = case.run(x, logits, "grouped", {"grouped_down_combine": "t8"}).copy()
-        want_y = case.layer.y_grouped[:P].copy()
-        for variant in multi:
-            got = case.run(x, logits, "grouped", {"grouped_down_combine": variant})
-            cp.testing.assert_array_equal(got, want, err_msg=f"{variant} {routing}")
-            cp.testing.assert_array_equal(case.layer.y_grouped[:P], want_y, err_msg=f"{variant} {routing}")
-            assert not bool(case.layer.tile_counters.any()), "a row group's counter was not reset"
+        want = case.run(x, logits, "grouped").copy()
+        want_a, want_y = layer.a_sorted[:P].copy(), layer.y_grouped[:P].copy()
+        chosen = layer.choose(T, "grouped").variants
+        for family, variants in layer.variants.items():
+            if family not in chosen:
+                continue
+            for variant in variants:
+                if variant == chosen[family] or layer.variant_refusal(family, variant, T) is not None:
+                    continue
+                where = f"{family}={variant} {routing}"
+                got = case.run(x, logits, "grouped", {family: variant})
+                cp.testing.assert_array_equal(got, want, err_msg=where)
+                cp.testing.assert_array_equal(layer.a_sorted[:P], want_a, err_msg=where)
+                cp.testing.assert_array_equal(layer.y_grouped[:P], want_y, err_msg=where)
+                assert not bool(layer.tile_counters.any()), f"{where}: a row tile's counter was not reset"
 
 
 def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launches(case: Case, rng) -> None:
