@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotations", type=int, default=8,
                    help="distinct input sets per timed graph, so weights are not served from L2 (default: 8)")
     p.add_argument("--buckets", type=int, nargs="+", default=None,
-                   help="token-count buckets to tune (default: powers of two from 1 to 4096)")
+                   help="token-count buckets to tune; each covers the counts above the next smaller one, so "
+                        "adding e.g. 192 gives 129-192 and 193-256 their own choice (default: powers of two "
+                        "from 1 to 4096)")
     p.add_argument("--routing", default="both", choices=["uniform", "skewed", "both"],
                    help="routings each candidate is timed under; the score sums them (default: both)")
     p.set_defaults(func=_cmd_tune)

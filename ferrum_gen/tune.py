@@ -112,7 +112,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
-    total = sum(len(routings) * len(tuning.bucket_edges(b)) * len(c) for b, c in plan)
+    total = sum(len(routings) * len(tuning.bucket_edges(b, buckets)) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     defaults: dict[str, str] = {}
@@ -122,12 +122,13 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         if time.monotonic() > deadline:
             complete = False
             entries.append(_default_entry(layer, bucket))
-            bar.update(len(routings) * len(tuning.bucket_edges(bucket)) * len(cands))
+            bar.update(len(routings) * len(tuning.bucket_edges(bucket, buckets)) * len(cands))
             continue
         runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
-        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket), reverse=True)]:
+        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket, buckets),
+                                                                   reverse=True)]:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)

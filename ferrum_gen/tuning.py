@@ -62,12 +62,16 @@ class Choice:
     source: str = DEFAULT_RULE
 
 
-def bucket_edges(bucket: int) -> tuple[int, ...]:
+def bucket_edges(bucket: int, buckets: Iterable[int] = BUCKETS) -> tuple[int, ...]:
     """The token counts the tuner times for a bucket: its smallest and largest member.
 
-    Bucket b covers (b/2, b]: b = 1 and 2 hold one count each.
+    A bucket covers the counts above the next smaller of `buckets` up to itself, as the table's
+    lookup assigns them: (b/2, b] for the default powers of two, where b = 1 and 2 hold one count
+    each; with 192 between 128 and 256, bucket 192 covers 129 .. 192 and bucket 256 193 .. 256.
     """
-    low = bucket // 2 + 1
+    if bucket not in buckets:
+        raise ValueError(f"bucket {bucket} is not one of the buckets {sorted(buckets)}")
+    low = max((b for b in buckets if b < bucket), default=0) + 1
     return (bucket,) if low >= bucket else (low, bucket)
 
 

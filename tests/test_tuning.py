@@ -96,6 +96,16 @@ def test_bucket_edges_cover_every_token_count_once() -> None:
     assert covered == list(range(1, 4097))
 
 
+def test_buckets_between_powers_of_two_take_the_counts_above_their_smaller_neighbour() -> None:
+    finer = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
+    assert tuning.bucket_edges(192, finer) == (129, 192) and tuning.bucket_edges(256, finer) == (193, 256)
+    assert tuning.bucket_edges(384, finer) == (257, 384) and tuning.bucket_edges(128, finer) == (65, 128)
+    covered = [T for b in finer for T in range(tuning.bucket_edges(b, finer)[0], b + 1)]
+    assert covered == list(range(1, 513))
+    with pytest.raises(ValueError, match="bucket 96 is not one of the buckets"):
+        tuning.bucket_edges(96, finer)
+
+
 def test_table_round_trips_through_its_file(tmp_path, spec) -> None:
     table = table_for(spec, [tuning.TuningEntry(1, "decode", {"gemv_gate_up_silu": "w8", "gemv_down_combine": "w4"},
                                                 {"decode:a": 10.0})])
