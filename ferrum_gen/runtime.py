@@ -128,6 +128,38 @@ _ACT_CUPY = {ActivationDtype.F32: "float32", ActivationDtype.F16: "float16", Act
 _MMA_CUPY = {ActivationDtype.F32: "float16", ActivationDtype.F16: "float16", ActivationDtype.BF16: "uint16"}
 
 
+def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every scratch buffer a MoeLayer holds for max_tokens, name -> (shape, dtype): the routing,
+    the prefill path's expert-sorted rows (room for every pair plus each expert's padding to the
+    largest block size), the decode-sized paths' rows for decode_tokens tokens (their largest
+    default or tuned token count; MoeLayer._decode_token_cap), and the grouped down's counters."""
+    H, I, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k
+    pairs = max_tokens * k
+    cap = pairs + E * (max(spec.prefill.block_sizes) - 1)
+    act, mma = _ACT_CUPY[spec.activation_dtype], _MMA_CUPY[spec.activation_dtype]
+    shapes = {
+        "ids": ((pairs,), "int32"),
+        "weights": ((pairs,), "float32"),
+        "logits32": ((max_tokens, E), "float32"),
+        "sorted_ids": ((cap,), "int32"),
+        "block_expert": ((cap // min(spec.prefill.block_sizes) + 1,), "int32"),
+        "plan": ((2,), "int32"),
+        "pairs_by_token": ((pairs,), "int32"),
+        "a_sorted": ((cap, I), mma),
+        "y_sorted": ((cap, H), act),
+        "a_decode": ((decode_tokens * k, I), "float32"),
+        "y_grouped": ((decode_tokens * k, H), "float32"),
+        "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
+    }
+    if spec.activation_dtype is ActivationDtype.F32:  # the prefill GEMMs' f16 copy of x
+        shapes["x_mma"] = ((max_tokens, H), "float16")
+    return shapes
+
+
+def shapes_bytes(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
+
+
 class MoeLayer:
     """One MoE layer: weights on the GPU, scratch sized once for max_tokens, two forward paths."""
 
@@ -144,7 +176,7 @@ class MoeLayer:
         self.max_tokens = max_tokens
         self.device_id = cp.cuda.Device().id
         self._inputs = _Inputs(self.device_id)
-        H, I, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k
+        H, I, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
         for name, stack, qt, rows, in_dim in (
             ("gate", gate, spec.quant.gate, I, H),
             ("up", up, spec.quant.up, I, H),
@@ -185,24 +217,30 @@ class MoeLayer:
         """None when the grouped path launches its kernels as programmatic dependents; else why not."""
         self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
-        P = max_tokens * k
-        max_bs = max(spec.prefill.block_sizes)
-        self._cap = P + E * (max_bs - 1)
-        act, mma = _ACT_CUPY[spec.activation_dtype], _MMA_CUPY[spec.activation_dtype]
-        self.ids = cp.empty(P, dtype=cp.int32)
-        self.weights = cp.empty(P, dtype=cp.float32)
-        self.logits32 = cp.empty((max_tokens, E), dtype=cp.float32)
-        self.sorted_ids = cp.empty(self._cap, dtype=cp.int32)
-        self.block_expert = cp.empty(self._cap // min(spec.prefill.block_sizes) + 1, dtype=cp.int32)
-        self.plan = cp.zeros(2, dtype=cp.int32)
-        self.pairs_by_token = cp.empty(P, dtype=cp.int32)
-        self.a_sorted = cp.empty((self._cap, I), dtype=mma)
-        self.y_sorted = cp.empty((self._cap, H), dtype=act)
-        self.x_mma = cp.empty((max_tokens, H), dtype=cp.float16) if spec.activation_dtype is ActivationDtype.F32 else None
-        self.a_decode = cp.empty((self._decode_token_cap() * k, I), dtype=cp.float32)
-        self.y_grouped = cp.empty((self._decode_token_cap() * k, H), dtype=cp.float32)
-        self.tile_counters = cp.zeros(math.ceil(H / 16), dtype=cp.int32)  # grouped down: zero between calls
+        self._scratch = scratch_shapes(spec, max_tokens, self._decode_token_cap())
+        for name, (shape, dtype) in self._scratch.items():  # zeroed: the counters must start at zero
+            setattr(self, name, cp.zeros(shape, dtype=dtype))
+        if "x_mma" not in self._scratch:
+            self.x_mma = None
         self.profile: dict[str, list[float]] = {}
+
+    @property
+    def weight_bytes(self) -> int:
+        """GPU bytes of the three expert stacks (the GGUF blocks in the kernels' layout)."""
+        return sum(p.data.nbytes + (p.d.nbytes if p.d is not self._placeholder else 0)
+                   for p in (self.gate, self.up, self.down))
+
+    @property
+    def scratch_bytes(self) -> int:
+        """GPU bytes of the scratch buffers now (scratch_shapes; the grouped path's rows grow if it
+        is forced beyond the tokens they were sized for)."""
+        return sum(getattr(self, name).nbytes for name in self._scratch)
+
+    def __repr__(self) -> str:
+        mib = 1 << 20
+        return (f"MoeLayer(spec={self.spec.name}, arch={self.bundle.arch}, max_tokens={self.max_tokens}, "
+                f"weights={self.weight_bytes / mib:.1f} MiB, scratch={self.scratch_bytes / mib:.1f} MiB, "
+                f"tuning={self.tuning.source if self.tuning else tuning.DEFAULT_RULE}, pdl={self.pdl_status})")
 
     # --- construction ---------------------------------------------------------
 

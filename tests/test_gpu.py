@@ -393,6 +393,24 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
         cp.testing.assert_array_equal(out, plain.forward(x, logits, path="grouped"))
 
 
+def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_states_it(case: Case) -> None:
+    from ferrum_gen.runtime import scratch_shapes, shapes_bytes
+
+    layer = case.layer
+    shapes = scratch_shapes(case.spec, layer.max_tokens, layer._decode_token_cap())
+    for name, (shape, dtype) in shapes.items():
+        buf = getattr(layer, name)
+        assert buf.dtype == np.dtype(dtype), name
+        if name == "y_grouped":  # grows once where a test forced the grouped path beyond it
+            assert buf.shape[0] >= shape[0] and buf.shape[1:] == shape[1:]
+        else:
+            assert buf.shape == shape, name
+    assert layer.scratch_bytes >= shapes_bytes(shapes)
+    text = repr(layer)
+    assert f"spec={case.spec.name}" in text and f"max_tokens={layer.max_tokens}" in text
+    assert f"scratch={layer.scratch_bytes / 2**20:.1f} MiB" in text and f"weights={layer.weight_bytes / 2**20:.1f} MiB" in text
+
+
 def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
     """variant_sets covers each usable variant; on sm_90 every variant of the shipped specs is usable."""
     for path in [p for p in tuning.PATHS if tuning.path_available(p, case.layer.variants)]:
