@@ -128,11 +128,19 @@ _ACT_CUPY = {ActivationDtype.F32: "float32", ActivationDtype.F16: "float16", Act
 _MMA_CUPY = {ActivationDtype.F32: "float16", ActivationDtype.F16: "float16", ActivationDtype.BF16: "uint16"}
 
 
+def decode_token_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: int) -> int:
+    """The most tokens the decode-sized paths (decode, grouped) serve by default: the rule's bound
+    or the table's largest bucket on one of them, at most max_tokens. Their scratch is sized for it
+    and grows if a path is forced beyond."""
+    tuned = [e.bucket for e in table.entries if e.path != "prefill"] if table else []
+    return min(max_tokens, max([spec.decode_max_tokens, *tuned]))
+
+
 def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every scratch buffer a MoeLayer holds for max_tokens, name -> (shape, dtype): the routing,
     the prefill path's expert-sorted rows (room for every pair plus each expert's padding to the
     largest block size), the decode-sized paths' rows for decode_tokens tokens (their largest
-    default or tuned token count; MoeLayer._decode_token_cap), and the grouped down's counters."""
+    default or tuned token count: decode_token_cap), and the grouped down's counters."""
     H, I, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k
     pairs = max_tokens * k
     cap = pairs + E * (max(spec.prefill.block_sizes) - 1)
@@ -217,7 +225,7 @@ class MoeLayer:
         """None when the grouped path launches its kernels as programmatic dependents; else why not."""
         self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
-        self._scratch = scratch_shapes(spec, max_tokens, self._decode_token_cap())
+        self._scratch = scratch_shapes(spec, max_tokens, decode_token_cap(spec, self.tuning, max_tokens))
         for name, (shape, dtype) in self._scratch.items():  # zeroed: the counters must start at zero
             setattr(self, name, cp.zeros(shape, dtype=dtype))
         if "x_mma" not in self._scratch:
@@ -232,8 +240,8 @@ class MoeLayer:
 
     @property
     def scratch_bytes(self) -> int:
-        """GPU bytes of the scratch buffers now (scratch_shapes; the grouped path's rows grow if it
-        is forced beyond the tokens they were sized for)."""
+        """GPU bytes of the scratch buffers now (scratch_shapes; the decode-sized paths' rows grow
+        if one is forced beyond the tokens they were sized for)."""
         return sum(getattr(self, name).nbytes for name in self._scratch)
 
     def __repr__(self) -> str:
@@ -285,12 +293,6 @@ class MoeLayer:
             table = tuning.TuningTable.load(Path(tuning_table))
         table.check_matches(self.spec, self.gpu_name)
         return table
-
-    def _decode_token_cap(self) -> int:
-        """The most tokens the decode-sized paths (decode, grouped) serve by default: the rule's bound
-        or a tuned bucket's. Their scratch is sized for it and grows if a path is forced beyond."""
-        tuned = [e.bucket for e in self.tuning.entries if e.path != "prefill"] if self.tuning else []
-        return min(self.max_tokens, max([self.spec.decode_max_tokens, *tuned]))
 
     # --- choosing ---------------------------------------------------------------
 

@@ -394,10 +394,10 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
 
 
 def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_states_it(case: Case) -> None:
-    from ferrum_gen.runtime import scratch_shapes, shapes_bytes
+    from ferrum_gen.runtime import decode_token_cap, scratch_shapes, shapes_bytes
 
     layer = case.layer
-    shapes = scratch_shapes(case.spec, layer.max_tokens, layer._decode_token_cap())
+    shapes = scratch_shapes(case.spec, layer.max_tokens, decode_token_cap(case.spec, layer.tuning, layer.max_tokens))
     for name, (shape, dtype) in shapes.items():
         buf = getattr(layer, name)
         assert buf.dtype == np.dtype(dtype), name

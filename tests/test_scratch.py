@@ -10,7 +10,7 @@ import pytest
 
 from ferrum_gen import tuning
 from ferrum_gen.quant import row_bytes
-from ferrum_gen.runtime import scratch_shapes, shapes_bytes
+from ferrum_gen.runtime import decode_token_cap, scratch_shapes, shapes_bytes
 from ferrum_gen.spec import ActivationDtype, load_spec, shipped_spec_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +22,8 @@ def spec(request):
     return load_spec(request.param)
 
 
-def decode_tokens_of_committed_table(spec, max_tokens: int) -> int:
-    """MoeLayer._decode_token_cap for the committed H200 table."""
-    table = tuning.TuningTable.load(ROOT / "generated" / spec.name / "tuning" / "nvidia_h200.json")
-    tuned = [e.bucket for e in table.entries if e.path != "prefill"]
-    return min(max_tokens, max([spec.decode_max_tokens, *tuned]))
+def committed_table(spec) -> tuning.TuningTable:
+    return tuning.TuningTable.load(ROOT / "generated" / spec.name / "tuning" / "nvidia_h200.json")
 
 
 @pytest.mark.parametrize("max_tokens", (1, 300))
@@ -51,6 +48,6 @@ def test_the_memory_table_in_the_docs_is_what_scratch_shapes_gives(spec) -> None
     E, H, I, q = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.quant
     weights = E * (I * row_bytes(q.gate, H) + I * row_bytes(q.up, H) + H * row_bytes(q.down, I))
     want = [round(weights / MIB)] + [
-        round(shapes_bytes(scratch_shapes(spec, t, decode_tokens_of_committed_table(spec, t))) / MIB, 1)
+        round(shapes_bytes(scratch_shapes(spec, t, decode_token_cap(spec, committed_table(spec), t))) / MIB, 1)
         for t in (1, 256, 4096)]
     assert cells == want
