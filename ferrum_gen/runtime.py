@@ -164,6 +164,11 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int) -> dict[s
     return shapes
 
 
+ZEROED_SCRATCH = ("plan", "tile_counters")
+"""Scratch that must start at zero (the align plan's counts, the grouped down's tile counters,
+which each call leaves at zero); the rest is written before it is read."""
+
+
 def shapes_bytes(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
     return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
 
@@ -226,8 +231,8 @@ class MoeLayer:
         self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
         self._scratch = scratch_shapes(spec, max_tokens, decode_token_cap(spec, self.tuning, max_tokens))
-        for name, (shape, dtype) in self._scratch.items():  # zeroed: the counters must start at zero
-            setattr(self, name, cp.zeros(shape, dtype=dtype))
+        for name, (shape, dtype) in self._scratch.items():
+            setattr(self, name, (cp.zeros if name in ZEROED_SCRATCH else cp.empty)(shape, dtype=dtype))
         if "x_mma" not in self._scratch:
             self.x_mma = None
         self.profile: dict[str, list[float]] = {}
