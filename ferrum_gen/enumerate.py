@@ -12,12 +12,14 @@ from .families import (
     grouped_down_combine,
     grouped_gate_up_silu,
     router,
+    stream_down,
+    stream_gate_up_silu,
 )
 from .families.base import KernelSpec
 from .spec import MoeSpec
 
 FAMILIES = (router, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
-            gemm_gate_up_silu, gemm_down, combine)
+            gemm_gate_up_silu, gemm_down, stream_gate_up_silu, stream_down, combine)
 
 
 def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:

@@ -19,6 +19,9 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   given, so a CUDA graph can capture them.
 - prefill (larger T): router -> align (device) -> grouped gate+up+SiLU GEMM -> grouped
   down GEMM -> combine. Also free of host synchronisation.
+- stream (mid and large T, where the tuning table picks it): prefill's launches with the
+  stream kernels: weights as the tensor-core A operand, dequantised in registers once per
+  aligned block, streamed through a deep cp.async ring; align uses the variant's block size.
 - host routing (FERRUM_MOE_HOST_ROUTE=1): routing and the align plan computed in numpy
   and uploaded, for debugging; it synchronises, and the routing gate+up variant gives way to
   its family's default.
@@ -56,6 +59,7 @@ PHASES = {
     "decode": ("route", "gate_up_silu", "down_combine"),
     "grouped": ("route", "gate_up_silu", "down_combine"),
     "prefill": ("route", "align", "gate_up_silu", "down", "combine"),
+    "stream": ("route", "align", "gate_up_silu", "down", "combine"),
 }
 """The phases of each path, in launch order; forward(stop_after=...) cuts after one of them."""
 
@@ -132,7 +136,7 @@ def decode_token_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens
     """The most tokens the decode-sized paths (decode, grouped) serve by default: the rule's bound
     or the table's largest bucket on one of them, at most max_tokens. Their scratch is sized for it
     and grows if a path is forced beyond."""
-    tuned = [e.bucket for e in table.entries if e.path != "prefill"] if table else []
+    tuned = [e.bucket for e in table.entries if e.path not in tuning.ALIGNED_PATHS] if table else []
     return min(max_tokens, max([spec.decode_max_tokens, *tuned]))
 
 
@@ -221,8 +225,9 @@ class MoeLayer:
                 for kern in kernels:
                     if isinstance(kern.launch["smem_bytes"], dict):  # per-arch dynamic shared memory
                         self._set_smem(kern)
-        for family in tuning.PATH_FAMILIES["prefill"]:  # the persistent GEMM grids are sized by occupancy
-            for kernels in self.variants[family].values():
+        for family in (f for p in tuning.ALIGNED_PATHS for f in tuning.PATH_FAMILIES[p]):
+            # the persistent grids of the aligned paths are sized by occupancy
+            for kernels in self.variants.get(family, {}).values():
                 for kern in kernels:
                     self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
         self.tuning = self._find_tuning(tuning_table)
@@ -327,7 +332,11 @@ class MoeLayer:
             refusal = self.variant_refusal(family, variant, tokens)
             if refusal is not None:
                 raise ValueError(f"{family} variant {variant!r} {refusal}")
-        return dataclasses.replace(choice, variants={**choice.variants, **variants}, source="forced")
+        merged = {**choice.variants, **variants}
+        if choice.path in tuning.LOCKSTEP_PATHS and len(set(merged.values())) > 1:
+            raise ValueError(f"variants {merged}: the {choice.path} path's families take one variant together "
+                             f"(the block size); name the same one for each")
+        return dataclasses.replace(choice, variants=merged, source="forced")
 
     def variant_refusal(self, family: str, variant: str, tokens: int) -> str | None:
         """Why a variant cannot serve `tokens` tokens here, or None when it can."""
@@ -356,11 +365,11 @@ class MoeLayer:
         """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
         choice = self.choose(tokens, path)
         out = {} if self.routes_in_gate_up(choice) else {"router": self.k_router.uri}
-        if choice.path == "prefill":
+        if choice.path in tuning.ALIGNED_PATHS:
             out["align"] = self.k_align.uri
         for family, variant in choice.variants.items():
             out[family] = ",".join(k.uri for k in self.variants[family][variant])
-        if choice.path == "prefill":
+        if choice.path in tuning.ALIGNED_PATHS:
             out["combine"] = self.k_combine.uri
         return out
 
@@ -369,7 +378,8 @@ class MoeLayer:
         choice = self.choose(tokens, path)
         if choice.path in ("decode", "grouped"):
             return 2 if self.routes_in_gate_up(choice) else 3
-        per_gemm = 1 if self.settings.block_size_override else len(self.spec.prefill.block_sizes)
+        per_gemm = 1 if self.settings.block_size_override or choice.path == "stream" else len(
+            self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
         align = 0 if self.settings.host_route else 1
         return 1 + align + convert_x + 2 * per_gemm + 1
@@ -482,14 +492,15 @@ class MoeLayer:
             if self.routes_in_gate_up(choice):
                 pass  # the gate+up kernel routes (its launch is the route phase's too)
             elif host:
-                self._route_on_host(logits, T, plan=choice.path == "prefill")
+                self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
             else:
                 self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
                              logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
             if stop_after != "route":
                 run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits),
-                       "prefill": functools.partial(self._prefill, plan_ready=host)}[choice.path]
+                       "prefill": functools.partial(self._prefill, plan_ready=host),
+                       "stream": functools.partial(self._prefill, plan_ready=host)}[choice.path]
                 run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
             self._record_profile(choice.path, events)
@@ -552,9 +563,10 @@ class MoeLayer:
         cp = _cupy()
         spec = self.spec
         P = T * spec.top_k
-        override = self.settings.block_size_override
-        gate_up = self.variants["gemm_gate_up_silu"][choice.variants["gemm_gate_up_silu"]]
-        down = self.variants["gemm_down"][choice.variants["gemm_down"]]
+        override = self._block_size(choice)
+        gate_up_family, down_family = tuning.PATH_FAMILIES[choice.path]
+        gate_up = self.variants[gate_up_family][choice.variants[gate_up_family]]
+        down = self.variants[down_family][choice.variants[down_family]]
         if override:
             gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
             down = [kern for kern in down if kern.launch["block_size"] == override]
@@ -580,7 +592,8 @@ class MoeLayer:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
-                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted)
+                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
+                             **({"sorted_ids": self.sorted_ids, "num_pairs": P} if choice.path == "stream" else {}))
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -654,16 +667,25 @@ class MoeLayer:
         self._check_act_dtype(out_c, out, "out")
         return out_c, out
 
-    def _route_on_host(self, logits: Any, T: int, plan: bool) -> None:
+    def _block_size(self, choice: tuning.Choice) -> int | None:
+        """The block size align must use for an aligned path's call, or None for its padding rule:
+        the stream kernels' own (their variant), else FERRUM_MOE_BLOCK_SIZE where set."""
+        if choice.path == "stream":
+            (kern,) = self.variants["stream_gate_up_silu"][choice.variants["stream_gate_up_silu"]]
+            return kern.launch["block_size"]
+        return self.settings.block_size_override
+
+    def _route_on_host(self, logits: Any, T: int, aligned: bool, block_size: int | None) -> None:
+        """ids and weights from the logits on the host; for an aligned path also align's outputs,
+        with block_size (None: the padding rule's)."""
         cp = _cupy()
         spec = self.spec
         ids, w = reference.route_f32(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)
         self.ids[: T * spec.top_k].set(np.ascontiguousarray(ids.reshape(-1), dtype=np.int32))
         self.weights[: T * spec.top_k].set(np.ascontiguousarray(w.reshape(-1), dtype=np.float32))
-        if plan:
+        if aligned:
             counts = reference.expert_counts(ids, spec.num_experts)
-            bs = reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget,
-                                           self.settings.block_size_override)
+            bs = reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget, block_size)
             p = reference.align(ids, spec.num_experts, bs)
             self.sorted_ids[: p.num_padded].set(p.sorted_ids.astype(np.int32))
             self.block_expert[: len(p.block_expert)].set(p.block_expert.astype(np.int32))

@@ -34,6 +34,8 @@ DECODE_TUNE_MAX = 64
 """The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 GROUPED_TUNE_MAX = 256
 """The grouped path is timed up to here: past it every expert has many tokens and prefill's GEMMs win."""
+STREAM_TUNE_MIN = 16
+"""The stream path is timed from here: below it align and combine cost more than its kernels save."""
 
 WORST_CASE_SLACK = 0.03
 """Candidates whose worst run is within this fraction of the least-slow worst run tie on it; the
@@ -65,10 +67,14 @@ def candidates(layer, bucket: int) -> list[Candidate]:
             continue
         if path == "grouped" and bucket > GROUPED_TUNE_MAX:
             continue
+        if path == "stream" and bucket < STREAM_TUNE_MIN:
+            continue
         families = tuning.PATH_FAMILIES[path]
         serving = [sorted(v for v in layer.variants[f] if layer.variant_refusal(f, v, bucket) is None)
                    for f in families]
         for combo in itertools.product(*serving):
+            if path in tuning.LOCKSTEP_PATHS and len(set(combo)) > 1:
+                continue
             out.append(Candidate(path, tuple(zip(families, combo))))
     return out
 

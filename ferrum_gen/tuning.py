@@ -3,7 +3,8 @@
 The runtime asks `choose()` for every forward call. Without a tuning table for the card,
 the **default rule** applies: for T <= spec.decode_max_tokens the grouped path (the
 expert-grouped tensor-core kernels) where the spec has it, else the decode path (GEMVs);
-prefill above; each family with its default variant (the kernel the spec's own keys describe).
+above it the stream path (weight-streaming tensor-core kernels) where the spec and the card
+have it, else prefill; each family with its default variant (the kernel the spec's own keys describe).
 A tuning table (`ferrum-gen tune` writes one per GPU into <bundle>/tuning/<gpu>.json)
 records, per token-count bucket, the path and the variant of each tuned family that won on
 that card (the least worst case over the bucket's edges and routings, then the fastest: see
@@ -31,13 +32,19 @@ log = logging.getLogger("ferrum_gen")
 
 SCHEMA_VERSION = 2
 """2: the grouped path joined the tuned paths; a version-1 table never timed it."""
-PATHS = ("decode", "grouped", "prefill")
+PATHS = ("decode", "grouped", "prefill", "stream")
 PATH_FAMILIES: dict[str, tuple[str, ...]] = {
     "decode": ("gemv_gate_up_silu", "gemv_down_combine"),
     "grouped": ("grouped_gate_up_silu", "grouped_down_combine"),
     "prefill": ("gemm_gate_up_silu", "gemm_down"),
+    "stream": ("stream_gate_up_silu", "stream_down"),
 }
 """The families of each path that come in variants (router, align and combine have one kernel)."""
+ALIGNED_PATHS = ("prefill", "stream")
+"""The paths that sort the pairs by expert into blocks (align) and combine afterwards."""
+LOCKSTEP_PATHS = frozenset({"stream"})
+"""Paths whose families take one variant together: the stream kernels' variant is the block size
+align uses, which both must share."""
 TUNED_FAMILIES = frozenset(f for families in PATH_FAMILIES.values() for f in families)
 
 BUCKETS = tuple(2**i for i in range(13))
@@ -81,13 +88,23 @@ def decode_possible(spec: MoeSpec, tokens: int) -> bool:
 
 def path_available(path: str, available: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether this card has a usable variant of every family of the path (the grouped
-    kernels exist only for specs whose gate and up share a quant type)."""
+    kernels exist only for specs whose gate and up share a quant type; a lockstep path needs
+    one variant that all of its families have)."""
+    if path in LOCKSTEP_PATHS:
+        return bool(_shared_variants(path, available))
     return all(available.get(family) for family in PATH_FAMILIES[path])
 
 
+def _shared_variants(path: str, available: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    families = PATH_FAMILIES[path]
+    return sorted(set.intersection(*(set(available.get(f, {})) for f in families)))
+
+
 def default_path(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]]) -> str:
+    """grouped (else decode) up to spec.decode_max_tokens; above it stream (else prefill), which
+    was faster than prefill at every T from 32 to 4096 on an H200 (docs/perf-notes.md)."""
     if tokens > spec.decode_max_tokens:
-        return "prefill"
+        return "stream" if path_available("stream", available) else "prefill"
     return "grouped" if path_available("grouped", available) else "decode"
 
 
@@ -250,5 +267,18 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     for family in PATH_FAMILIES[path]:
         want = entry.variants.get(family) if use_entry else None
         variants[family] = want if want in available.get(family, {}) else defaults[family]
+    if path in LOCKSTEP_PATHS:
+        variants = lockstep(path, variants[PATH_FAMILIES[path][0]], available, defaults)
     source = f"tuning table {table.source}, bucket {entry.bucket}" if use_entry else DEFAULT_RULE
     return Choice(path, variants, source)
+
+
+def lockstep(path: str, variant: str, available: Mapping[str, Mapping[str, Any]],
+             defaults: Mapping[str, str]) -> dict[str, str]:
+    """A lockstep path's families all on `variant` where each has it usable, else on their
+    (shared) default, else on the first variant they all have."""
+    families = PATH_FAMILIES[path]
+    shared = _shared_variants(path, available)
+    default = defaults[families[0]]
+    pick = variant if variant in shared else default if default in shared else shared[0]
+    return {f: pick for f in families}

@@ -12,6 +12,7 @@ import pytest
 from ferrum_gen import bench
 from ferrum_gen.cli import main
 from ferrum_gen.families.grouped import supported as grouped_supported
+from ferrum_gen.families.stream import supported as stream_supported
 from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names
 
 CARD = bench.Card(copy_bandwidth_gbps=4000.0, matmul_tflops=500.0, matmul_source="hand-made")
@@ -228,10 +229,11 @@ def test_split_adds_parts_and_flags_a_mismatch() -> None:
 def test_paths_at_follows_the_default_limits(name: str) -> None:
     spec = load_spec(name)
     grouped = ["grouped"] if grouped_supported(spec) else []
+    stream = ["stream"] if stream_supported(spec) else []
     assert bench.paths_at(1, spec, bench.PATHS) == ["auto", "decode", *grouped]
-    assert bench.paths_at(8, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill"]
-    assert bench.paths_at(64, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill"]
-    assert bench.paths_at(128, spec, bench.PATHS) == ["auto", "prefill"]
+    assert bench.paths_at(8, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill", *stream]
+    assert bench.paths_at(64, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill", *stream]
+    assert bench.paths_at(128, spec, bench.PATHS) == ["auto", "prefill", *stream]
     # beyond the grid limit the decode path is never timed, whatever --decode-up-to says
     too_many = bench.DECODE_MAX_PAIRS // spec.top_k + 1
     assert "decode" not in bench.paths_at(too_many, spec, ["decode"], decode_up_to=10**6)

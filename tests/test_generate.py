@@ -12,6 +12,7 @@ import pytest
 from ferrum_gen import __version__
 from ferrum_gen.enumerate import enumerate_kernels
 from ferrum_gen.families.grouped import supported as grouped_supported
+from ferrum_gen.families.stream import supported as stream_supported
 from ferrum_gen.render import MANIFEST, _ENV, bundle_files, render_spec, template_hash, write_bundle
 from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names, spec_from_dict
 
@@ -19,11 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "generated"
 FAMILIES = {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu", "gemm_down", "combine"}
 GROUPED_FAMILIES = {"grouped_gate_up_silu", "grouped_down_combine"}
+STREAM_FAMILIES = {"stream_gate_up_silu", "stream_down"}
 
 
 def families_of(spec) -> set[str]:
-    """Every spec has FAMILIES; the grouped kernels only where gate and up share a quant type."""
-    return FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
+    """Every spec has FAMILIES; the grouped and stream kernels only where gate and up share a quant
+    type (and, for stream, the tiles divide the projections)."""
+    return (FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
+            | (STREAM_FAMILIES if stream_supported(spec) else set()))
 
 
 @pytest.fixture(params=shipped_spec_names())

@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS == 0, reason=f"GPU suite
 TOKEN_COUNTS = (1, 2, 7, 33, 64, 513, 4097)
 GROUPED_TOKEN_COUNTS = (1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 64)
 """The grouped path's kernels: every count around its 8- and 16-token passes."""
+STREAM_TOKEN_COUNTS = (1, 32, 33, 64, 65, 127, 512, 513, 1000, 4096, 4097)
+"""The stream path's kernels: around their 32- and 64-token blocks, and up to the layer's max_tokens."""
 MAX_TOKENS = max(TOKEN_COUNTS)
 # ||out - ref|| / ||ref|| bounds from the design brief
 LAYER_TOL = {ActivationDtype.F32: 2e-3, ActivationDtype.F16: 2e-3, ActivationDtype.BF16: 1e-2}
@@ -139,6 +141,9 @@ def variant_sets(layer, path: str, tokens: int | None = None) -> list[dict[str, 
     families = PATH_FAMILIES[path]
     per_family = {f: sorted(v for v in layer.variants[f]
                             if tokens is None or layer.variant_refusal(f, v, tokens) is None) for f in families}
+    if path in tuning.LOCKSTEP_PATHS:  # the families take one variant together: those they all have
+        shared = sorted(set.intersection(*(set(v) for v in per_family.values())))
+        return [{f: v for f in families} for v in shared]
     longest = max(len(v) for v in per_family.values())
     return [{f: (vs[i] if i < len(vs) else layer._default_variants[f]) for f, vs in per_family.items()}
             for i in range(longest)]
@@ -236,10 +241,14 @@ def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
         assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, variants
 
 
-def grouped_or_skip(case: Case) -> None:
-    if not tuning.path_available("grouped", case.layer.variants):
-        pytest.skip(f"spec {case.spec.name} has no grouped kernels "
+def path_or_skip(case: Case, path: str) -> None:
+    if not tuning.path_available(path, case.layer.variants):
+        pytest.skip(f"spec {case.spec.name} has no {path} kernels "
                     "(gate and up differ in quant type, or f32 activations)")
+
+
+def grouped_or_skip(case: Case) -> None:
+    path_or_skip(case, "grouped")
 
 
 def one_expert_logits(case: Case, T: int):
@@ -342,6 +351,65 @@ def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: i
                 assert not bool(layer.tile_counters.any()), f"{where}: a row tile's counter was not reset"
 
 
+@pytest.mark.parametrize("T", STREAM_TOKEN_COUNTS)
+def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
+    """Every stream variant (block size) against the reference: a and y in sorted order and the
+    output, under normal routing and with every token on the same experts (one block per 64 pairs
+    of an expert, the padding in the last)."""
+    path_or_skip(case, "stream")
+    spec = case.spec
+    tol = LAYER_TOL[spec.activation_dtype]
+    P = T * spec.top_k
+    for variants in variant_sets(case.layer, "stream"):
+        for routing in ("normal", "one expert"):
+            x, logits = case.inputs(T, rng)
+            if routing == "one expert":
+                logits = one_expert_logits(case, T)
+            out = case.run(x, logits, "stream", variants)
+            ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
+            where = (variants, routing)
+            pbt = case.layer.pairs_by_token[:P]
+            assert int(case.layer.plan[1]) == case.layer.variants["stream_down"][variants["stream_down"]][0].launch[
+                "block_size"], where
+            assert rel_err(from_act(case.layer.a_sorted[pbt], spec.activation_dtype), ref_a) <= tol, where
+            assert rel_err(from_act(case.layer.y_sorted[pbt], spec.activation_dtype), ref_y) <= tol, where
+            assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
+
+
+@pytest.mark.parametrize("T", (33, 513))
+def test_stream_path_is_deterministic_and_every_block_size_gives_the_same_bits(case: Case, T: int, rng) -> None:
+    """Each output of a stream kernel is one warp's sum over k in order, whatever else its tile
+    holds: every block size gives the same bits, run after run; and it agrees with prefill."""
+    path_or_skip(case, "stream")
+    dtype = case.spec.activation_dtype
+    x, logits = case.inputs(T, rng)
+    outs = []
+    for variants in variant_sets(case.layer, "stream"):
+        outs.append(case.run(x, logits, "stream", variants).copy())
+        outs.append(case.run(x, logits, "stream", variants).copy())
+    for other in outs[1:]:
+        cp.testing.assert_array_equal(other, outs[0])
+    pre = from_act(case.run(x, logits, "prefill"), dtype)
+    assert rel_err(pre, from_act(outs[0], dtype)) <= LAYER_TOL[dtype]
+
+
+def test_stream_path_with_host_routing_matches_device_routing(case: Case, rng) -> None:
+    """With the plan made on the host, align's block size is still the stream variant's."""
+    from ferrum_gen.runtime import MoeLayer
+
+    path_or_skip(case, "stream")
+    T = 513
+    x, logits = case.inputs(T, rng)
+    dtype = case.spec.activation_dtype
+    host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 1024,
+                    settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
+    for variants in variant_sets(case.layer, "stream"):
+        device_out = from_act(case.run(x, logits, "stream", variants), dtype)
+        host_out = from_act(host.forward(x, logits, path="stream", variants=variants), dtype)
+        assert int(host.plan[1]) == int(case.layer.plan[1])
+        assert rel_err(host_out, device_out) <= LAYER_TOL[dtype], variants
+
+
 def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launches(case: Case, rng) -> None:
     """On sm_90+ with cuda-bindings the grouped path launches gate+up and down as programmatic
     dependents (the down kernel starts while gate+up ends): the output, a and y are bit for bit
@@ -401,8 +469,8 @@ def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_state
     for name, (shape, dtype) in shapes.items():
         buf = getattr(layer, name)
         assert buf.dtype == np.dtype(dtype), name
-        if name == "y_grouped":  # grows once where a test forced the grouped path beyond it
-            assert buf.shape[0] >= shape[0] and buf.shape[1:] == shape[1:]
+        if name in ("a_decode", "y_grouped"):  # grow once where a test forced their path beyond them
+            assert buf.shape[0] >= shape[0] and buf.shape[1:] == shape[1:], name
         else:
             assert buf.shape == shape, name
     assert layer.scratch_bytes >= shapes_bytes(shapes)
@@ -453,12 +521,12 @@ def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
     assert rel_err(host_out, device_out) <= LAYER_TOL[dtype]
 
 
-@pytest.mark.parametrize("path", ("decode", "grouped", "prefill"))
+@pytest.mark.parametrize("path", ("decode", "grouped", "prefill", "stream"))
 def test_path_is_graph_capturable(case: Case, path: str, rng) -> None:
-    if path == "grouped":
-        grouped_or_skip(case)
+    if path in ("grouped", "stream"):
+        path_or_skip(case, path)
     spec = case.spec
-    T = 33 if path == "prefill" else 4
+    T = 33 if path in tuning.ALIGNED_PATHS else 4
     x, logits = case.inputs(T, rng)
     out = cp.empty((T, spec.hidden_size), dtype=x.dtype)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -577,10 +645,10 @@ def test_bad_inputs_raise_clear_errors(case: Case, rng) -> None:
     assert empty.shape == (0, spec.hidden_size)
 
 
-@pytest.mark.parametrize("path", ("decode", "grouped", "prefill"))
+@pytest.mark.parametrize("path", ("decode", "grouped", "prefill", "stream"))
 def test_non_finite_logits_give_nan_rows_for_those_tokens_only(case: Case, path: str, rng) -> None:
-    if path == "grouped":
-        grouped_or_skip(case)
+    if path in ("grouped", "stream"):
+        path_or_skip(case, path)
     spec = case.spec
     T = 5
     x, logits = case.inputs(T, rng)
@@ -670,7 +738,7 @@ def test_prebuilt_bundle_loads_without_compiler_and_refuses_mismatches(tmp_path,
 def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> None:
     """The tests above launch every family listed here; a new family must get tests of its own."""
     families = {e["family"] for e in case.bundle.manifest["kernels"]}
-    grouped = {"grouped_gate_up_silu", "grouped_down_combine"} if tuning.path_available("grouped", case.layer.variants) \
-        else set()
+    optional = {f for path in ("grouped", "stream") if tuning.path_available(path, case.layer.variants)
+                for f in tuning.PATH_FAMILIES[path]}
     assert families == {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
-                        "gemm_down", "combine"} | grouped
+                        "gemm_down", "combine"} | optional

@@ -42,7 +42,8 @@ def test_without_a_table_the_default_rule_picks_the_path_and_default_variants(sp
     for T in (1, spec.decode_max_tokens, spec.decode_max_tokens + 1, 4096):
         choice = tuning.choose(spec, T, available, defaults)
         small = "grouped" if tuning.path_available("grouped", available) else "decode"
-        assert choice.path == (small if T <= spec.decode_max_tokens else "prefill")
+        large = "stream" if tuning.path_available("stream", available) else "prefill"
+        assert choice.path == (small if T <= spec.decode_max_tokens else large)
         assert choice.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES[choice.path]}
         assert choice.source == tuning.DEFAULT_RULE
 
@@ -212,12 +213,45 @@ def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
     spec = spec_from_dict(data)
     available, defaults = manifest_variants(spec, arch="sm_80")
     # the grouped kernels' variants (two pass widths, gate+up that also routes, down with 2 and 4
-    # row tiles a CTA) are not spec keys: they come with every bundle
-    grouped = set(tuning.PATH_FAMILIES["grouped"])
-    assert {f: set(v) for f, v in available.items() if f not in grouped} == \
-        {f: {d} for f, d in defaults.items() if f not in grouped}
+    # row tiles a CTA) and the stream kernels' (one per block size from 32 to 64) are not spec
+    # keys: they come with every bundle
+    fixed = set(tuning.PATH_FAMILIES["grouped"]) | set(tuning.PATH_FAMILIES["stream"])
+    assert {f: set(v) for f, v in available.items() if f not in fixed} == \
+        {f: {d} for f, d in defaults.items() if f not in fixed}
     assert set(available["grouped_gate_up_silu"]) == {"t8", "t16", "r8"}
     assert set(available["grouped_down_combine"]) == {"t8", "t16", "t8m32", "t8m64"}
+    assert set(available["stream_gate_up_silu"]) == set(available["stream_down"]) == {"b32", "b64"}  # sm_80
+
+
+def test_the_stream_families_take_one_variant_together() -> None:
+    """The stream variant is align's block size: a table (or a forced choice) never splits it
+    between the two families, and the tuner times only matched pairs."""
+    from ferrum_gen.tune import candidates
+
+    spec = load_spec("qwen3moe")
+    available, defaults = manifest_variants(spec)
+    mixed = table_for(spec, [tuning.TuningEntry(4096, "stream", {"stream_gate_up_silu": "b32", "stream_down": "b64"})])
+    assert tuning.choose(spec, 512, available, defaults, mixed).variants == \
+        {"stream_gate_up_silu": "b32", "stream_down": "b32"}
+    no_down = {**available, "stream_down": {"b64": []}}  # an arch where down has no b32 kernel
+    assert tuning.choose(spec, 512, no_down, defaults, mixed).variants == \
+        {"stream_gate_up_silu": "b64", "stream_down": "b64"}
+    apart = {**available, "stream_gate_up_silu": {"b64": []}, "stream_down": {"b32": []}}
+    assert not tuning.path_available("stream", apart)  # no block size both have: no stream path
+    assert tuning.choose(spec, 512, apart, defaults).path == "prefill"
+
+    class Layer:
+        variants = available
+        spec = load_spec("qwen3moe")
+
+        @staticmethod
+        def variant_refusal(family, variant, tokens):
+            return None
+
+    stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
+    assert sorted(c.name for c in stream) == [f"stream:stream_gate_up_silu={v},stream_down={v}"
+                                              for v in ("b32", "b32x2", "b64")]
+    assert not [c for c in candidates(Layer, 8) if c.path == "stream"]
 
 
 def test_the_tuner_picks_the_least_worst_run_before_the_least_sum() -> None:

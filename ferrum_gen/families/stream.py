@@ -1,0 +1,147 @@
+"""The stream path's two families (weight-streaming tensor-core kernels for mid and large T).
+
+stream_gate_up_silu and stream_down share the geometry worked out here: a CTA of WARPS warps
+takes ROWS weight rows (16 per warp, the whole k range each) of one aligned block's expert and
+all of the block's tokens (up to the block size, the mma's N side), and streams its tiles'
+quantized blocks and activations through a cp.async ring as deep as the arch's shared memory
+allows (templates/stream.cuh.j2). One kernel per block size of the spec from 32 to 64 (variant
+b<size>, and b<size>x2 at two CTAs an SM where that fits): the runtime has align use that size.
+"""
+
+from __future__ import annotations
+
+from ..quant import QK_K, QuantType
+from ..spec import MoeSpec
+from .base import (
+    ACT_CTYPE, ARCH_NUMBER, DOWN_WEIGHTS, GATE_UP_WEIGHTS, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec,
+    gpu_block_bytes, quant_tag,
+)
+from .grouped import GROUPED_STRUCT, MMA_BYTES
+from .grouped import supported as grouped_supported
+
+WARPS = 8
+ROWS = 16 * WARPS
+BLOCK_SIZES = range(32, 65)
+"""Block sizes a stream kernel is made for, among the spec's prefill.block_sizes: fewer tokens
+than 32 leave the dequantisation unpaid for, more than 64 would need more accumulators."""
+MAX_STAGES = 4
+LD = QK_K + 16
+"""A token's 256 activations in shared memory, padded (templates/stream.cuh.j2)."""
+DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
+"""The default variant, in this order where it runs on every target arch: b32x2 won every
+tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger ones by 1-7 %."""
+STATIC_SMEM = 4096
+"""Room left beside the ring for the kernels' static shared memory (per-stage slot flags and
+Q6_K block scales, under 3 KB)."""
+
+
+def supported(spec: MoeSpec) -> bool:
+    """As the grouped kernels (one quant type for gate and up, 16-bit activations), with ROWS-row
+    tiles of both projections' outputs."""
+    return (grouped_supported(spec) and spec.intermediate_size % ROWS == 0 and spec.hidden_size % ROWS == 0
+            and any(bs in BLOCK_SIZES for bs in spec.prefill.block_sizes))
+
+
+CTAS_PER_SM = (1, 2)
+"""Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
+an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
+latency; variant b<size>x2)."""
+SMEM_RESERVED_PER_CTA = 1024
+"""Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
+
+
+def stage_bytes(qt: QuantType, matrices: int, block_size: int) -> int:
+    """One k-step of a tile: each matrix's ROWS quantized blocks, and the block's activations."""
+    return matrices * ROWS * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
+
+
+def stages_by_arch(spec: MoeSpec, stage: int, ctas: int) -> dict[str, int]:
+    """Ring depth per target arch where at least two stages fit beside `ctas` - 1 other CTAs."""
+    out = {}
+    for arch in spec.target_archs:
+        budget = (SMEM_LIMIT[arch] + SMEM_RESERVED_PER_CTA) // ctas - SMEM_RESERVED_PER_CTA - STATIC_SMEM
+        stages = min(MAX_STAGES, budget // stage)
+        if stages >= 2:
+            out[arch.value] = stages
+    return out
+
+
+def _stages(spec: MoeSpec, block_size: int, ctas: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(gate+up, down) ring depth per arch, for the archs where both kernels fit: a variant is
+    the block size align uses, so both families have it or neither does."""
+    q = spec.quant
+    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size), ctas)
+    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size), ctas)
+    both = gate_up.keys() & down.keys()
+    return {a: s for a, s in gate_up.items() if a in both}, {a: s for a, s in down.items() if a in both}
+
+
+def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
+    """(block size, CTAs an SM) of every stream variant that fits some target arch."""
+    return [(bs, ctas) for bs in spec.prefill.block_sizes if bs in BLOCK_SIZES for ctas in CTAS_PER_SM
+            if _stages(spec, bs, ctas)[0]]
+
+
+def default_variant(spec: MoeSpec) -> tuple[int, int]:
+    """The variant the default rule uses: the first of DEFAULT_PREFERENCE that runs on every
+    target arch the stream path runs on, else the first variant."""
+    every = {a for v in _variants(spec) for a in _stages(spec, *v)[0]}
+    fits_all = [v for v in _variants(spec) if set(_stages(spec, *v)[0]) == every]
+    return next((v for v in DEFAULT_PREFERENCE if v in fits_all), (fits_all or _variants(spec))[0])
+
+
+def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim: int, matrices: int,
+             args: tuple[Arg, ...], values: dict) -> list[KernelSpec]:
+    if not supported(spec):
+        return []
+    dtype = spec.activation_dtype
+    default = default_variant(spec)
+    out = []
+    for bs, ctas in _variants(spec):
+        stages = _stages(spec, bs, ctas)[0 if matrices == 2 else 1]
+        stage = stage_bytes(qt, matrices, bs)
+        by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
+                   for a in spec.target_archs if a.value in stages]
+        variant = f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
+        out.append(KernelSpec(
+            uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
+            family=family,
+            template=f"{family}.cu.j2",
+            variant=variant,
+            default=(bs, ctas) == default,
+            archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
+            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": WARPS * THREADS_PER_WARP, "CTAS_PER_SM": ctas,
+                    "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt], "STAGES_BY_ARCH": by_arch},
+            args=args,
+            launch={"threads": WARPS * THREADS_PER_WARP,
+                    "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": ROWS,
+                    "n_tiles": out_dim // ROWS, "ctas_per_sm": ctas, "stages": stages,
+                    "smem_bytes": {a: s * stage for a, s in stages.items()}},
+        ))
+    return out
+
+
+def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
+    q, dtype = spec.quant, spec.activation_dtype
+    return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2, (
+        Arg("x", f"const {MMA_CTYPE[dtype]}*"),
+        Arg("sorted_ids", "const int*"),
+        Arg("block_expert", "const int*"),
+        Arg("plan", "const int*"),
+        Arg("num_pairs", "int"),
+        *GATE_UP_WEIGHTS,
+        Arg("a", f"{MMA_CTYPE[dtype]}*"),
+    ), {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
+
+
+def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
+    qd, dtype = spec.quant.down, spec.activation_dtype
+    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (
+        Arg("a", f"const {MMA_CTYPE[dtype]}*"),
+        Arg("sorted_ids", "const int*"),
+        Arg("block_expert", "const int*"),
+        Arg("plan", "const int*"),
+        Arg("num_pairs", "int"),
+        *DOWN_WEIGHTS,
+        Arg("y", f"{ACT_CTYPE[dtype]}*"),
+    ), {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
