@@ -258,6 +258,13 @@ def one_expert_logits(case: Case, T: int):
     return logits
 
 
+def routed_inputs(case: Case, T: int, rng):
+    """(routing, x, logits) under normal routing and with every token on the same experts."""
+    for routing in ("normal", "one expert"):
+        x, logits = case.inputs(T, rng)
+        yield routing, x, one_expert_logits(case, T) if routing == "one expert" else logits
+
+
 @pytest.mark.parametrize("T", GROUPED_TOKEN_COUNTS)
 def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
     grouped_or_skip(case)
@@ -266,10 +273,7 @@ def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
     P = T * spec.top_k
     mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
     for variants in variant_sets(case.layer, "grouped", T):
-        for routing in ("normal", "one expert"):
-            x, logits = case.inputs(T, rng)
-            if routing == "one expert":
-                logits = one_expert_logits(case, T)
+        for routing, x, logits in routed_inputs(case, T, rng):
             out = case.run(x, logits, "grouped", variants)
             ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
             where = (variants, routing)
@@ -330,10 +334,7 @@ def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: i
     grouped_or_skip(case)
     P = T * case.spec.top_k
     layer = case.layer
-    for routing in ("normal", "one expert"):
-        x, logits = case.inputs(T, rng)
-        if routing == "one expert":
-            logits = one_expert_logits(case, T)
+    for routing, x, logits in routed_inputs(case, T, rng):
         want = case.run(x, logits, "grouped").copy()
         want_a, want_y = layer.a_sorted[:P].copy(), layer.y_grouped[:P].copy()
         chosen = layer.choose(T, "grouped").variants
@@ -361,10 +362,7 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
     tol = LAYER_TOL[spec.activation_dtype]
     P = T * spec.top_k
     for variants in variant_sets(case.layer, "stream"):
-        for routing in ("normal", "one expert"):
-            x, logits = case.inputs(T, rng)
-            if routing == "one expert":
-                logits = one_expert_logits(case, T)
+        for routing, x, logits in routed_inputs(case, T, rng):
             out = case.run(x, logits, "stream", variants)
             ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
             where = (variants, routing)

@@ -36,6 +36,20 @@ GATE_UP_WEIGHTS = (Arg("w_gate", "const u8*"), Arg("w_gate_d", "const __half*"),
 """The gate and up expert stacks as every gate+up kernel takes them (bytes, then Q6_K block scales)."""
 DOWN_WEIGHTS = (Arg("w_down", "const u8*"), Arg("w_down_d", "const __half*"))
 
+
+def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
+    """The arguments of a gate+up kernel over align's blocks (prefill GEMM, stream): x in the
+    tensor-core type, the plan, the weights, and a in sorted order."""
+    return (
+        Arg("x", f"const {MMA_CTYPE[dtype]}*"),
+        Arg("sorted_ids", "const int*"),
+        Arg("block_expert", "const int*"),
+        Arg("plan", "const int*"),
+        Arg("num_pairs", "int"),
+        *GATE_UP_WEIGHTS,
+        Arg("a", f"{MMA_CTYPE[dtype]}*"),
+    )
+
 DEFAULT_VARIANT = "default"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..spec import MoeSpec
 from .base import (
-    GATE_UP_WEIGHTS, MMA_CTYPE, Arg, KernelSpec, gemm_kernel, gemm_smem_bytes, gemm_tiles, gpu_block_bytes,
+    MMA_CTYPE, KernelSpec, aligned_gate_up_args, gemm_kernel, gemm_smem_bytes, gemm_tiles, gpu_block_bytes,
     quant_struct, quant_tag,
 )
 
@@ -25,15 +25,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             f"gemm_gate_up_silu_{quant_tag(q.gate, q.up)}_bs{t.block_size}_n{t.n}_{spec.shape_tag}_{dtype.value}",
             {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k, "NI": t.n,
              "MMA_T": MMA_CTYPE[dtype], "GATE_Q": quant_struct(q.gate), "UP_Q": quant_struct(q.up)},
-            (
-                Arg("x", f"const {MMA_CTYPE[dtype]}*"),
-                Arg("sorted_ids", "const int*"),
-                Arg("block_expert", "const int*"),
-                Arg("plan", "const int*"),
-                Arg("num_pairs", "int"),
-                *GATE_UP_WEIGHTS,
-                Arg("a", f"{MMA_CTYPE[dtype]}*"),
-            ),
+            aligned_gate_up_args(dtype),
             spec.intermediate_size,
         )
         for t in tiles

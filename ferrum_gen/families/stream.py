@@ -13,8 +13,8 @@ from __future__ import annotations
 from ..quant import QK_K, QuantType
 from ..spec import MoeSpec
 from .base import (
-    ACT_CTYPE, ARCH_NUMBER, DOWN_WEIGHTS, GATE_UP_WEIGHTS, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec,
-    gpu_block_bytes, quant_tag,
+    ACT_CTYPE, ARCH_NUMBER, DOWN_WEIGHTS, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec,
+    aligned_gate_up_args, gpu_block_bytes, quant_tag,
 )
 from .grouped import GROUPED_STRUCT, MMA_BYTES
 from .grouped import supported as grouped_supported
@@ -123,15 +123,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
-    return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2, (
-        Arg("x", f"const {MMA_CTYPE[dtype]}*"),
-        Arg("sorted_ids", "const int*"),
-        Arg("block_expert", "const int*"),
-        Arg("plan", "const int*"),
-        Arg("num_pairs", "int"),
-        *GATE_UP_WEIGHTS,
-        Arg("a", f"{MMA_CTYPE[dtype]}*"),
-    ), {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
+    return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
+                    aligned_gate_up_args(dtype), {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
