@@ -17,11 +17,12 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
   Both decode-sized paths run with no host synchronisation and no allocation when `out` is
   given, so a CUDA graph can capture them.
-- prefill (larger T): router -> align (device) -> grouped gate+up+SiLU GEMM -> grouped
-  down GEMM -> combine. Also free of host synchronisation.
-- stream (mid and large T, where the tuning table picks it): prefill's launches with the
-  stream kernels: weights as the tensor-core A operand, dequantised in registers once per
-  aligned block, streamed through a deep cp.async ring; align uses the variant's block size.
+- prefill (larger T where the spec has no stream kernels): router -> align (device) -> grouped
+  gate+up+SiLU GEMM -> grouped down GEMM -> combine. Also free of host synchronisation.
+- stream (by default T > spec.decode_max_tokens, where the spec has its kernels): prefill's
+  launches with the stream kernels: weights as the tensor-core A operand, dequantised in
+  registers once per aligned block, streamed through a deep cp.async ring; align uses the
+  variant's block size.
 - host routing (FERRUM_MOE_HOST_ROUTE=1): routing and the align plan computed in numpy
   and uploaded, for debugging; it synchronises, and the routing gate+up variant gives way to
   its family's default.
@@ -450,7 +451,7 @@ class MoeLayer:
         """out [T, H] = the MoE layer applied to x [T, H] with router_logits [T, E].
 
         path: "auto" (the tuning table, else the default rule; see choose()), "decode",
-        "grouped" or "prefill". stop_after: a phase name (phases(path)): launch only up to and including it
+        "grouped", "prefill" or "stream". stop_after: a phase name (phases(path)): launch only up to and including it
         (benchmarks cut the graph there; the output is then not written). variants: force some
         families' kernel variants (see choose()).
         """
