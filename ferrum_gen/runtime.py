@@ -379,8 +379,7 @@ class MoeLayer:
         choice = self.choose(tokens, path)
         if choice.path in ("decode", "grouped"):
             return 2 if self.routes_in_gate_up(choice) else 3
-        per_gemm = 1 if self.settings.block_size_override or choice.path == "stream" else len(
-            self.spec.prefill.block_sizes)
+        per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
         align = 0 if self.settings.host_route else 1
         return 1 + align + convert_x + 2 * per_gemm + 1
@@ -671,8 +670,9 @@ class MoeLayer:
     def _block_size(self, choice: tuning.Choice) -> int | None:
         """The block size align must use for an aligned path's call, or None for its padding rule:
         the stream kernels' own (their variant), else FERRUM_MOE_BLOCK_SIZE where set."""
-        if choice.path == "stream":
-            (kern,) = self.variants["stream_gate_up_silu"][choice.variants["stream_gate_up_silu"]]
+        if choice.path in tuning.LOCKSTEP_PATHS:
+            family = tuning.PATH_FAMILIES[choice.path][0]
+            (kern,) = self.variants[family][choice.variants[family]]
             return kern.launch["block_size"]
         return self.settings.block_size_override
 

@@ -33,6 +33,12 @@ tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (per-stage slot flags and
 Q6_K block scales, under 3 KB)."""
+CTAS_PER_SM = (1, 2)
+"""Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
+an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
+latency; variant b<size>x2)."""
+SMEM_RESERVED_PER_CTA = 1024
+"""Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
 
 
 def supported(spec: MoeSpec) -> bool:
@@ -40,14 +46,6 @@ def supported(spec: MoeSpec) -> bool:
     tiles of both projections' outputs."""
     return (grouped_supported(spec) and spec.intermediate_size % ROWS == 0 and spec.hidden_size % ROWS == 0
             and any(bs in BLOCK_SIZES for bs in spec.prefill.block_sizes))
-
-
-CTAS_PER_SM = (1, 2)
-"""Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
-an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
-latency; variant b<size>x2)."""
-SMEM_RESERVED_PER_CTA = 1024
-"""Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
 
 
 def stage_bytes(qt: QuantType, matrices: int, block_size: int) -> int:
