@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .families import (
     align,
+    align_count,
     combine,
     gemm_down,
     gemm_gate_up_silu,
@@ -18,7 +19,7 @@ from .families import (
 from .families.base import KernelSpec
 from .spec import MoeSpec
 
-FAMILIES = (router, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
+FAMILIES = (router, align_count, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
             gemm_gate_up_silu, gemm_down, stream_gate_up_silu, stream_down, combine)
 
 

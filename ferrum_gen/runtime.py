@@ -49,6 +49,7 @@ import numpy as np
 
 from . import reference, tuning
 from .bundle import Kernel, KernelBundle
+from .families import align as align_family
 from .launch import DependentLauncher, pdl_unavailable
 from .quant import QuantType, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
@@ -163,6 +164,7 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int) -> dict[s
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
+        "align_counts": ((align_family.cta_count(pairs), E), "int32"),  # align_count's per-chunk histograms
     }
     if spec.activation_dtype is ActivationDtype.F32:  # the prefill GEMMs' f16 copy of x
         shapes["x_mma"] = ((max_tokens, H), "float16")
@@ -213,6 +215,7 @@ class MoeLayer:
 
         self.k_router = bundle.one("router")
         self.k_align = bundle.one("align")
+        self.k_align_count = bundle.one("align_count")
         self.k_combine = bundle.one("combine")
         dev = cp.cuda.Device(self.device_id)
         self._sm_count = dev.attributes["MultiProcessorCount"]
@@ -367,6 +370,8 @@ class MoeLayer:
         choice = self.choose(tokens, path)
         out = {} if self.routes_in_gate_up(choice) else {"router": self.k_router.uri}
         if choice.path in tuning.ALIGNED_PATHS:
+            if self._align_chunks(tokens) > 1:
+                out["align_count"] = self.k_align_count.uri
             out["align"] = self.k_align.uri
         for family, variant in choice.variants.items():
             out[family] = ",".join(k.uri for k in self.variants[family][variant])
@@ -381,7 +386,7 @@ class MoeLayer:
             return 2 if self.routes_in_gate_up(choice) else 3
         per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
-        align = 0 if self.settings.host_route else 1
+        align = 0 if self.settings.host_route else 1 + (self._align_chunks(tokens) > 1)
         return 1 + align + convert_x + 2 * per_gemm + 1
 
     # --- launching --------------------------------------------------------------
@@ -572,10 +577,14 @@ class MoeLayer:
             down = [kern for kern in down if kern.launch["block_size"] == override]
 
         def align() -> None:
-            if not plan_ready:
-                self._launch(self.k_align, (1,), stream, ids=self.ids, num_pairs=P, block_size_override=override or 0,
-                             sorted_ids=self.sorted_ids, block_expert=self.block_expert, plan=self.plan,
-                             pairs_by_token=self.pairs_by_token)
+            if plan_ready:
+                return
+            chunks = self._align_chunks(T)
+            if chunks > 1:
+                self._launch(self.k_align_count, (chunks,), stream, ids=self.ids, num_pairs=P, counts=self.align_counts)
+            self._launch(self.k_align, (chunks,), stream, ids=self.ids, num_pairs=P, counts=self.align_counts,
+                         block_size_override=override or 0, sorted_ids=self.sorted_ids,
+                         block_expert=self.block_expert, plan=self.plan, pairs_by_token=self.pairs_by_token)
 
         def gemm_gate_up() -> None:
             x_in = xc
@@ -666,6 +675,10 @@ class MoeLayer:
             raise ValueError(f"out has shape {tuple(out_c.shape)}; it must be [{T}, {H}]")
         self._check_act_dtype(out_c, out, "out")
         return out_c, out
+
+    def _align_chunks(self, tokens: int) -> int:
+        """CTAs that align (and align_count, when above 1) run with for `tokens`."""
+        return align_family.cta_count(tokens * self.spec.top_k)
 
     def _block_size(self, choice: tuning.Choice) -> int | None:
         """The block size align must use for an aligned path's call, or None for its padding rule:

@@ -738,5 +738,5 @@ def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> Non
     families = {e["family"] for e in case.bundle.manifest["kernels"]}
     optional = {f for path in ("grouped", "stream") if tuning.path_available(path, case.layer.variants)
                 for f in tuning.PATH_FAMILIES[path]}
-    assert families == {"router", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
+    assert families == {"router", "align_count", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
                         "gemm_down", "combine"} | optional

@@ -6,6 +6,15 @@ from ..spec import MoeSpec
 from .base import Arg, KernelSpec
 
 THREADS = 1024
+PAIRS_PER_CTA = 4 * THREADS
+"""Pairs each CTA places: a call of more pairs is sorted by ceil(pairs / PAIRS_PER_CTA) CTAs after
+align_count has counted each one's chunk (one CTA alone spent ~40 us on T = 4096's 32768 pairs on
+an H200, most of it issuing the scattered stores from one SM)."""
+
+
+def cta_count(num_pairs: int) -> int:
+    """align's grid for a call of num_pairs pairs (align_count runs first when it is above 1)."""
+    return max(1, -(-num_pairs // PAIRS_PER_CTA))
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
@@ -23,17 +32,20 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "BLOCK_SIZES": list(sizes),
                 # repr() round-trips the float64 exactly, so the device compares like numpy does
                 "PADDING_BUDGET": repr(float(budget)),
+                "PAIRS_PER_CTA": PAIRS_PER_CTA,
             },
             args=(
                 Arg("ids", "const int*"),
                 Arg("num_pairs", "int"),
+                Arg("counts", "const int*"),
                 Arg("block_size_override", "int"),
                 Arg("sorted_ids", "int*"),
                 Arg("block_expert", "int*"),
                 Arg("plan", "int*"),
                 Arg("pairs_by_token", "int*"),
             ),
-            launch={"threads": THREADS, "grid": "1", "smem_bytes": 0,
+            launch={"threads": THREADS, "grid": "ceil(num_pairs / pairs_per_cta), at least 1",
+                    "pairs_per_cta": PAIRS_PER_CTA, "smem_bytes": 0,
                     "block_sizes": list(sizes), "padding_budget": budget},
         )
     ]
