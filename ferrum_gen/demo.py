@@ -7,9 +7,10 @@
    llama.cpp quantizer) when it is installed, else random valid k-quant blocks.
 2. Groups the layers by mix (one spec per mix, named by shape and mix) and writes each
    mix's bundle.
-3. With a usable GPU: loads every layer (`ferrum_gen.load_model`), runs the decode and
-   prefill paths on hidden states routed by the file's router weights, checks each against
-   the float64 reference, and prints the time per layer.
+3. With a usable GPU: loads every layer (`ferrum_gen.load_model`), runs every path the layer
+   has (decode and grouped at 4 tokens, prefill and stream at 256) on hidden states routed by
+   the file's router weights, checks each against the float64 reference, and prints the time
+   per layer and path.
    Without one: runs the float64 reference on every layer (checked against a dense
    per-token formula) and compiles every generated kernel with nvcc, and says what it
    skipped and why.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference
+from . import reference, tuning
 from .gguf_io import open_gguf, read_layer_experts
 from .model import ModelPlan, plan_model, read_router_weight
 from .render import write_bundle
@@ -127,7 +128,9 @@ def _run_gpu(path: Path, plan: ModelPlan) -> bool:
         router = model.router_weight(layer)
         experts = read_layer_experts(model.reader, layer, spec)
         dense = reference.DenseExperts.from_quantized(spec, experts.gate.data, experts.up.data, experts.down.data)
-        for path_name, tokens in (("decode", DECODE_TOKENS), ("prefill", PREFILL_TOKENS)):
+        runs = [(p, DECODE_TOKENS if p in ("decode", "grouped") else PREFILL_TOKENS) for p in tuning.PATHS
+                if tuning.path_available(p, moe.variants)]
+        for path_name, tokens in runs:
             x, logits = _inputs(spec, router, tokens, rng)
             x_bits = cp.asarray((x.view(np.uint32) >> 16).astype(np.uint16))
             logits_gpu = cp.asarray(logits)
@@ -213,7 +216,7 @@ def run_demo(workdir: Path | None = None, gpu: str = "auto") -> int:
     why = "--gpu skip was given" if gpu == "skip" else _gpu_unusable()
     skipped: list[str] = []
     if not why:
-        _say("GPU: every layer, decode and prefill, against the float64 reference")
+        _say("GPU: every layer and every path it has, against the float64 reference")
         ok = _run_gpu(path, plan)
     else:
         if gpu == "require":
