@@ -602,7 +602,7 @@ class MoeLayer:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
-                             **({"sorted_ids": self.sorted_ids, "num_pairs": P} if choice.path == "stream" else {}))
+                             sorted_ids=self.sorted_ids, num_pairs=P)
 
         self._steps(stream, events, stop_after, [
             ("align", align),

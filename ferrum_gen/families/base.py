@@ -50,6 +50,21 @@ def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
         Arg("a", f"{MMA_CTYPE[dtype]}*"),
     )
 
+
+def aligned_down_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
+    """The arguments of a down kernel over align's blocks (prefill GEMM, stream): a in sorted
+    order, the plan (the GEMM reads its blocks' experts only; the stream kernel also which slots
+    are real), the weights, and y in sorted order."""
+    return (
+        Arg("a", f"const {MMA_CTYPE[dtype]}*"),
+        Arg("sorted_ids", "const int*"),
+        Arg("block_expert", "const int*"),
+        Arg("plan", "const int*"),
+        Arg("num_pairs", "int"),
+        *DOWN_WEIGHTS,
+        Arg("y", f"{ACT_CTYPE[dtype]}*"),
+    )
+
 DEFAULT_VARIANT = "default"
 
 

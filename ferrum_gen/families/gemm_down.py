@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..spec import MoeSpec
 from .base import (
-    ACT_CTYPE, DOWN_WEIGHTS, MMA_CTYPE, Arg, KernelSpec, gemm_kernel, gemm_smem_bytes, gemm_tiles, gpu_block_bytes,
+    ACT_CTYPE, MMA_CTYPE, KernelSpec, aligned_down_args, gemm_kernel, gemm_smem_bytes, gemm_tiles, gpu_block_bytes,
     quant_struct,
 )
 
@@ -23,13 +23,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             t, "gemm_down", f"gemm_down_{qd.value}_bs{t.block_size}_n{t.n}_{spec.shape_tag}_{dtype.value}",
             {"H": spec.hidden_size, "I": spec.intermediate_size, "ND": t.n, "MMA_T": MMA_CTYPE[dtype],
              "OUT_T": ACT_CTYPE[dtype], "DOWN_Q": quant_struct(qd)},
-            (
-                Arg("a", f"const {MMA_CTYPE[dtype]}*"),
-                Arg("block_expert", "const int*"),
-                Arg("plan", "const int*"),
-                *DOWN_WEIGHTS,
-                Arg("y", f"{ACT_CTYPE[dtype]}*"),
-            ),
+            aligned_down_args(dtype),
             spec.hidden_size,
         )
         for t in tiles

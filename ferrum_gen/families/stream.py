@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..quant import QK_K, QuantType
 from ..spec import MoeSpec
 from .base import (
-    ACT_CTYPE, ARCH_NUMBER, DOWN_WEIGHTS, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec,
+    ACT_CTYPE, ARCH_NUMBER, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec, aligned_down_args,
     aligned_gate_up_args, gpu_block_bytes, quant_tag,
 )
 from .grouped import GROUPED_STRUCT, MMA_BYTES
@@ -127,12 +127,5 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
-    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (
-        Arg("a", f"const {MMA_CTYPE[dtype]}*"),
-        Arg("sorted_ids", "const int*"),
-        Arg("block_expert", "const int*"),
-        Arg("plan", "const int*"),
-        Arg("num_pairs", "int"),
-        *DOWN_WEIGHTS,
-        Arg("y", f"{ACT_CTYPE[dtype]}*"),
-    ), {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
+    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, aligned_down_args(dtype),
+                    {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})

@@ -476,7 +476,7 @@ static_assert(ND % 32 == 0 && H % ND == 0, "tile width");
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-gemm_down_q6_k_bs64_n64_h4096_i14336_e8_k2_f16(const __half* __restrict__ a, const int* __restrict__ block_expert, const int* __restrict__ plan, const u8* __restrict__ w_down, const __half* __restrict__ w_down_d, __half* __restrict__ y) {
+gemm_down_q6_k_bs64_n64_h4096_i14336_e8_k2_f16(const __half* __restrict__ a, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert, const int* __restrict__ plan, int num_pairs, const u8* __restrict__ w_down, const __half* __restrict__ w_down_d, __half* __restrict__ y) {
   if (plan[1] != BS) return;
   extern __shared__ __align__(16) u8 smem[];
   mt* As = reinterpret_cast<mt*>(smem);                    // [STAGES][BS][LDS]
