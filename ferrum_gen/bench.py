@@ -1078,7 +1078,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
                 layer.forward(x0, l0, out=check_out, path=path)
                 err, ok = quick_check(layer, x0, l0, check_out, ref=ref)
 
-            def forwards(path=path, stop_after=None):
+            def forwards(path=path, stop_after=None, sets=sets, out=out):  # bound now: the step ends with del
                 return lambda: [layer.forward(x, lg, out=out, path=path, stop_after=stop_after) for x, lg in sets]
 
             per_forward = time_graph(forwards(), len(sets), stream, MAX_REPLAYS, budget_s=GRAPH_BUDGET_S)
