@@ -17,8 +17,9 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
   Both decode-sized paths run with no host synchronisation and no allocation when `out` is
   given, so a CUDA graph can capture them.
-- prefill (larger T where the spec has no stream kernels): router -> align (device) -> grouped
-  gate+up+SiLU GEMM -> grouped down GEMM -> combine. Also free of host synchronisation.
+- prefill (larger T where the spec has no stream kernels): router -> align (device; one CTA, or
+  above 4096 pairs align_count's per-chunk counts then a CTA per chunk) -> grouped gate+up+SiLU
+  GEMM -> grouped down GEMM -> combine. Also free of host synchronisation.
 - stream (by default T > spec.decode_max_tokens, where the spec has its kernels): prefill's
   launches with the stream kernels: weights as the tensor-core A operand, dequantised in
   registers once per aligned block, streamed through a deep cp.async ring; align uses the
