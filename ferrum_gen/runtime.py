@@ -504,9 +504,10 @@ class MoeLayer:
                              logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
             self._phase("route", stream, events)
             if stop_after != "route":
-                run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits),
-                       "prefill": functools.partial(self._prefill, plan_ready=host),
-                       "stream": functools.partial(self._prefill, plan_ready=host)}[choice.path]
+                if choice.path in tuning.ALIGNED_PATHS:
+                    run = functools.partial(self._prefill, plan_ready=host)
+                else:
+                    run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits)}[choice.path]
                 run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
             self._record_profile(choice.path, events)

@@ -31,8 +31,8 @@ DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
 """The default variant, in this order where it runs on every target arch: b32x2 won every
 tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger ones by 1-7 %."""
 STATIC_SMEM = 4096
-"""Room left beside the ring for the kernels' static shared memory (per-stage slot flags and
-Q6_K block scales, under 3 KB)."""
+"""Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
+scales, 2 KB at four stages)."""
 CTAS_PER_SM = (1, 2)
 """Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
 an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
