@@ -126,13 +126,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     buckets = tuple(args.buckets) if args.buckets else None
+    if args.update and not buckets:
+        print("ferrum-gen: error: tune --update re-tunes the buckets given with --buckets: name them", file=sys.stderr)
+        return 2
     kwargs = {"buckets": buckets} if buckets else {}
     routings = ("uniform", "skewed") if args.routing == "both" else (args.routing,)
     table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations, routings=routings,
-                       **kwargs)
+                       update=args.update, **kwargs)
     print(describe(table))
-    done = "complete" if table.meta.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
-    print(f"{spec.name}: tuning table for {table.gpu} -> {path} ({done}, {table.meta.get('elapsed_s')} s)")
+    run = table.meta["updates"][-1] if args.update else table.meta
+    done = "complete" if run.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
+    what = f"buckets {', '.join(map(str, buckets))} updated in the" if args.update else "the"
+    print(f"{spec.name}: {what} tuning table for {table.gpu} -> {path} ({done}, {run.get('elapsed_s')} s)")
     return 0
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the layer on the GPU, or (--against, --from-json) work on saved results without one."""
@@ -269,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                         "from 1 to 4096)")
     p.add_argument("--routing", default="both", choices=["uniform", "skewed", "both"],
                    help="routings each candidate is timed under; the score sums them (default: both)")
+    p.add_argument("--update", action="store_true",
+                   help="re-tune only --buckets in the card's existing table and keep its other buckets (after "
+                        "adding a variant, say)")
     p.set_defaults(func=_cmd_tune)
     from . import bench
 

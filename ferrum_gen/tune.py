@@ -102,9 +102,24 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
     return tuning.TuningEntry(bucket, choice.path, dict(choice.variants))
 
 
+def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
+    """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), and the
+    update recorded in its meta (the buckets, date and elapsed time of each update, in order)."""
+    tuned = {e.bucket for e in new.entries}
+    updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
+                                                 "elapsed_s": new.meta.get("elapsed_s"),
+                                                 "complete": new.meta.get("complete")}]
+    entries = sorted([e for e in table.entries if e.bucket not in tuned] + list(new.entries), key=lambda e: e.bucket)
+    return tuning.TuningTable(table.spec_name, table.spec_hash, table.generator_version, table.gpu, entries,
+                              {**table.meta, "updates": updates}, table.source)
+
+
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
          buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
-         routings: tuple[str, ...] = ("uniform", "skewed")) -> tuple[tuning.TuningTable, Path]:
+         routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False) -> tuple[tuning.TuningTable, Path]:
+    """Tune `buckets` and write the card's table. update: re-tune only these buckets of the table
+    already there (their edges follow from its buckets and these together) and keep its others,
+    also those the budget does not reach."""
     import cupy as cp
     from tqdm import tqdm
 
@@ -116,9 +131,18 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     rng = np.random.default_rng(seed)
     H = spec.hidden_size
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
+    path = tuning.table_path(Path(out_root) / spec.name, layer.gpu_name)
+    old = None
+    edges_of = buckets
+    if update:
+        if not path.is_file():
+            raise tuning.TuningError(f"tune --update: there is no table at {path} to update; tune every bucket first")
+        old = tuning.TuningTable.load(path)
+        old.check_matches(spec, layer.gpu_name)
+        edges_of = tuple(sorted({e.bucket for e in old.entries} | set(buckets)))
     stream = cp.cuda.Stream(non_blocking=True)
     plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
-    total = sum(len(routings) * len(tuning.bucket_edges(b, buckets)) * len(c) for b, c in plan)
+    total = sum(len(routings) * len(tuning.bucket_edges(b, edges_of)) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     defaults: dict[str, str] = {}
@@ -127,13 +151,14 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     for bucket, cands in plan:
         if time.monotonic() > deadline:
             complete = False
-            entries.append(_default_entry(layer, bucket))
-            bar.update(len(routings) * len(tuning.bucket_edges(bucket, buckets)) * len(cands))
+            if not update:  # an update keeps the table's own entry
+                entries.append(_default_entry(layer, bucket))
+            bar.update(len(routings) * len(tuning.bucket_edges(bucket, edges_of)) * len(cands))
             continue
         runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
-        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket, buckets),
+        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket, edges_of),
                                                                    reverse=True)]:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
@@ -191,8 +216,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "dependent_launch": layer.pdl_status,
         },
     )
-    path = table.save(tuning.table_path(Path(out_root) / spec.name, layer.gpu_name))
-    return table, path
+    if old is not None:
+        table = merge_update(old, table)
+    return table, table.save(path)
 
 
 def describe(table: tuning.TuningTable) -> str:

@@ -213,14 +213,14 @@ def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
     spec = spec_from_dict(data)
     available, defaults = manifest_variants(spec, arch="sm_80")
     # the grouped kernels' variants (two pass widths, gate+up that also routes, down with 2 and 4
-    # row tiles a CTA) and the stream kernels' (one per block size from 32 to 64) are not spec
+    # row tiles a CTA) and the stream kernels' (one per block size from 16 to 64) are not spec
     # keys: they come with every bundle
     fixed = set(tuning.PATH_FAMILIES["grouped"]) | set(tuning.PATH_FAMILIES["stream"])
     assert {f: set(v) for f, v in available.items() if f not in fixed} == \
         {f: {d} for f, d in defaults.items() if f not in fixed}
     assert set(available["grouped_gate_up_silu"]) == {"t8", "t16", "r8"}
     assert set(available["grouped_down_combine"]) == {"t8", "t16", "t8m32", "t8m64"}
-    assert set(available["stream_gate_up_silu"]) == set(available["stream_down"]) == {"b32", "b64"}  # sm_80
+    assert set(available["stream_gate_up_silu"]) == set(available["stream_down"]) == {"b16", "b32", "b64"}  # sm_80
 
 
 def test_the_stream_families_take_one_variant_together() -> None:
@@ -250,7 +250,7 @@ def test_the_stream_families_take_one_variant_together() -> None:
 
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == [f"stream:stream_gate_up_silu={v},stream_down={v}"
-                                              for v in ("b32", "b32x2", "b64")]
+                                              for v in ("b16", "b16x2", "b32", "b32x2", "b64")]
     assert not [c for c in candidates(Layer, 8) if c.path == "stream"]
 
 
@@ -270,3 +270,22 @@ def test_the_tuner_picks_the_least_worst_run_before_the_least_sum() -> None:
     assert pick_winner(close) is small_tiles
     with pytest.raises(ValueError, match="different numbers of runs"):
         pick_winner({small_tiles: [1.0], large_tiles: [1.0, 2.0]})
+
+
+def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> None:
+    from ferrum_gen.tune import merge_update
+
+    def table(entries, meta):
+        return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
+
+    old = table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)], {"complete": True})
+    new = table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
+                {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True})
+    merged = merge_update(old, new)
+    assert [(e.bucket, e.path) for e in merged.entries] == [(1, "grouped"), (16, "stream"), (32, "stream"),
+                                                            (64, "grouped")]
+    assert merged.meta["complete"] is True and merged.meta["updates"] == [
+        {"buckets": [16, 32], "date": "2026-11-29", "elapsed_s": 12.0, "complete": True}]
+    again = merge_update(merged, table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
+    assert [u["buckets"] for u in again.meta["updates"]] == [[16, 32], [64]]
+    assert again.source == "old.json"

@@ -4,7 +4,7 @@ stream_gate_up_silu and stream_down share the geometry worked out here: a CTA of
 takes ROWS weight rows (16 per warp, the whole k range each) of one aligned block's expert and
 all of the block's tokens (up to the block size, the mma's N side), and streams its tiles'
 quantized blocks and activations through a cp.async ring as deep as the arch's shared memory
-allows (templates/stream.cuh.j2). One kernel per block size of the spec from 32 to 64 (variant
+allows (templates/stream.cuh.j2). One kernel per block size of the spec from 16 to 64 (variant
 b<size>, and b<size>x2 at two CTAs an SM where that fits): the runtime has align use that size.
 """
 
@@ -21,9 +21,10 @@ from .grouped import supported as grouped_supported
 
 WARPS = 8
 ROWS = 16 * WARPS
-BLOCK_SIZES = range(32, 65)
-"""Block sizes a stream kernel is made for, among the spec's prefill.block_sizes: fewer tokens
-than 32 leave the dequantisation unpaid for, more than 64 would need more accumulators."""
+BLOCK_SIZES = range(16, 65)
+"""Block sizes a stream kernel is made for, among the spec's prefill.block_sizes (multiples of 16):
+more than 64 would need more accumulators. b16 pays where experts have few tokens each (qwen3moe,
+T = 9-32 on an H200, docs/perf-notes.md)."""
 MAX_STAGES = 4
 LD = QK_K + 16
 """A token's 256 activations in shared memory, padded (templates/stream.cuh.j2)."""
