@@ -103,15 +103,18 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 
 
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
-    """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), and the
-    update recorded in its meta (the buckets, date and elapsed time of each update, in order)."""
+    """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
+    default-rule candidates and rejections added to its meta, and the update recorded there (the
+    buckets, date and elapsed time of each update, in order)."""
     tuned = {e.bucket for e in new.entries}
     updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
                                                  "elapsed_s": new.meta.get("elapsed_s"),
                                                  "complete": new.meta.get("complete")}]
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + list(new.entries), key=lambda e: e.bucket)
+    per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
+                  for key in ("default_rule_candidates", "rejected")}
     return tuning.TuningTable(table.spec_name, table.spec_hash, table.generator_version, table.gpu, entries,
-                              {**table.meta, "updates": updates}, table.source)
+                              {**table.meta, **per_bucket, "updates": updates}, table.source)
 
 
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,

@@ -174,7 +174,9 @@ def test_committed_tables_match_their_spec_and_cover_every_bucket() -> None:
             table = tuning.TuningTable.load(path)
             table.check_matches(spec, table.gpu)
             assert path.name == f"{tuning.gpu_slug(table.gpu)}.json"
-            assert sorted(e.bucket for e in table.entries) == list(tuning.BUCKETS)
+            # every default bucket, and any finer ones `tune --buckets` added (12 splits 9 .. 16)
+            buckets = [e.bucket for e in table.entries]
+            assert set(tuning.BUCKETS) <= set(buckets) and len(set(buckets)) == len(buckets)
             available, _ = manifest_variants(spec)
             for e in table.entries:
                 assert set(e.variants) == set(tuning.PATH_FAMILIES[e.path])
@@ -278,12 +280,16 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     def table(entries, meta):
         return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
 
-    old = table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)], {"complete": True})
+    old = table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)],
+                {"complete": True, "default_rule_candidates": {"1": "g", "16": "g"}, "rejected": {}})
     new = table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
-                {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True})
+                {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True,
+                 "default_rule_candidates": {"16": "s", "32": "s"}, "rejected": {"32:x": "rel err 1"}})
     merged = merge_update(old, new)
     assert [(e.bucket, e.path) for e in merged.entries] == [(1, "grouped"), (16, "stream"), (32, "stream"),
                                                             (64, "grouped")]
+    assert merged.meta["default_rule_candidates"] == {"1": "g", "16": "s", "32": "s"}
+    assert merged.meta["rejected"] == {"32:x": "rel err 1"}
     assert merged.meta["complete"] is True and merged.meta["updates"] == [
         {"buckets": [16, 32], "date": "2026-11-29", "elapsed_s": 12.0, "complete": True}]
     again = merge_update(merged, table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
