@@ -136,7 +136,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(describe(table))
     run = table.meta["updates"][-1] if args.update else table.meta
     done = "complete" if run.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
-    what = f"buckets {', '.join(map(str, buckets))} updated in the" if args.update else "the"
+    what = f"buckets {', '.join(map(str, run['buckets']))} updated in the" if args.update else "the"
     print(f"{spec.name}: {what} tuning table for {table.gpu} -> {path} ({done}, {run.get('elapsed_s')} s)")
     return 0
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="routings each candidate is timed under; the score sums them (default: both)")
     p.add_argument("--update", action="store_true",
                    help="re-tune only --buckets in the card's existing table and keep its other buckets (after "
-                        "adding a variant, say)")
+                        "adding a variant, say); a bucket new to the table narrows the next larger one, which is "
+                        "re-tuned too")
     p.set_defaults(func=_cmd_tune)
     from . import bench
 

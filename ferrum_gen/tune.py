@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,23 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
                               {**table.meta, **per_bucket, "updates": updates}, table.source)
 
 
+def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(buckets to tune, buckets whose edges they follow) for an update of a table with
+    `table_buckets` asked to re-tune `buckets`: a bucket new to the table narrows the next larger
+    one (12 takes 9 .. 12 from 16), so that one is re-tuned as well."""
+    have, asked = set(table_buckets), set(buckets)
+    every = have | asked
+    narrowed = {min((b for b in have if b > new), default=None) for new in asked - have} - {None}
+    return tuple(sorted(asked | narrowed)), tuple(sorted(every))
+
+
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
          buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
          routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False) -> tuple[tuning.TuningTable, Path]:
     """Tune `buckets` and write the card's table. update: re-tune only these buckets of the table
-    already there (their edges follow from its buckets and these together) and keep its others,
-    also those the budget does not reach."""
+    already there (update_plan: their edges follow from its buckets and these together, and a new
+    bucket's next larger one is re-tuned too) and keep its others, also those the budget does not
+    reach."""
     import cupy as cp
     from tqdm import tqdm
 
@@ -133,16 +145,21 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     deadline = start + budget_s
     rng = np.random.default_rng(seed)
     H = spec.hidden_size
-    layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
-    path = tuning.table_path(Path(out_root) / spec.name, layer.gpu_name)
+    gpu_name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()  # as MoeLayer names it
+    path = tuning.table_path(Path(out_root) / spec.name, gpu_name)
     old = None
     edges_of = buckets
     if update:
         if not path.is_file():
             raise tuning.TuningError(f"tune --update: there is no table at {path} to update; tune every bucket first")
         old = tuning.TuningTable.load(path)
-        old.check_matches(spec, layer.gpu_name)
-        edges_of = tuple(sorted({e.bucket for e in old.entries} | set(buckets)))
+        old.check_matches(spec, gpu_name)
+        asked = buckets
+        buckets, edges_of = update_plan((e.bucket for e in old.entries), asked)
+        if set(buckets) != set(asked):
+            log.info("tune --update: also re-tuning %s, whose edges the new buckets narrow",
+                     sorted(set(buckets) - set(asked)))
+    layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
     total = sum(len(routings) * len(tuning.bucket_edges(b, edges_of)) * len(c) for b, c in plan)

@@ -295,3 +295,15 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     again = merge_update(merged, table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
     assert [u["buckets"] for u in again.meta["updates"]] == [[16, 32], [64]]
     assert again.source == "old.json"
+
+
+def test_an_update_that_adds_a_bucket_re_tunes_the_one_it_narrows() -> None:
+    from ferrum_gen.tune import update_plan
+
+    table = (1, 2, 4, 8, 16, 32)
+    assert update_plan(table, (16,)) == ((16,), table)
+    assert update_plan(table, (12,)) == ((12, 16), (1, 2, 4, 8, 12, 16, 32))
+    assert update_plan(table, (12, 16)) == ((12, 16), (1, 2, 4, 8, 12, 16, 32))
+    assert update_plan(table, (64,)) == ((64,), (*table, 64))  # past the largest: nothing narrowed
+    lo, hi = tuning.bucket_edges(16, update_plan(table, (12,))[1])
+    assert (lo, hi) == (13, 16)

@@ -23,8 +23,8 @@ WARPS = 8
 ROWS = 16 * WARPS
 BLOCK_SIZES = range(16, 65)
 """Block sizes a stream kernel is made for, among the spec's prefill.block_sizes (multiples of 16):
-more than 64 would need more accumulators. b16 pays where experts have few tokens each (qwen3moe,
-T = 9-32 on an H200, docs/perf-notes.md)."""
+more than 64 would need more accumulators. b16 pays where experts have few tokens each (T = 13-32
+on an H200: docs/perf-notes.md)."""
 MAX_STAGES = 4
 LD = QK_K + 16
 """A token's 256 activations in shared memory, padded (templates/stream.cuh.j2)."""
