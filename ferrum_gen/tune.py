@@ -106,7 +106,8 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
     default-rule candidates and rejections added to its meta, and the update recorded there (the
-    buckets, date and elapsed time of each update, in order)."""
+    buckets, date and elapsed time of each update, in order). A table the budget left incomplete
+    (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
     updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
                                                  "elapsed_s": new.meta.get("elapsed_s"),
@@ -114,8 +115,9 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + list(new.entries), key=lambda e: e.bucket)
     per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
                   for key in ("default_rule_candidates", "rejected")}
+    complete = bool(table.meta.get("complete")) or all(e.timings_us for e in entries)
     return tuning.TuningTable(table.spec_name, table.spec_hash, table.generator_version, table.gpu, entries,
-                              {**table.meta, **per_bucket, "updates": updates}, table.source)
+                              {**table.meta, **per_bucket, "updates": updates, "complete": complete}, table.source)
 
 
 def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

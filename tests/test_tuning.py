@@ -297,6 +297,21 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     assert again.source == "old.json"
 
 
+def test_an_incomplete_table_is_complete_once_updates_have_timed_its_untimed_buckets() -> None:
+    from ferrum_gen.tune import merge_update
+
+    def table(entries, meta):
+        return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
+
+    timed = {"stream b32x2": 10.0}
+    old = table([tuning.TuningEntry(1, "grouped", {"f": "a"}, timed), tuning.TuningEntry(2048, "stream", {"f": "b"}),
+                 tuning.TuningEntry(4096, "stream", {"f": "b"})], {"complete": False})
+    half = merge_update(old, table([tuning.TuningEntry(2048, "stream", {"f": "c"}, timed)], {"complete": True}))
+    assert half.meta["complete"] is False  # 4096 still holds the default rule's untimed choice
+    whole = merge_update(half, table([tuning.TuningEntry(4096, "stream", {"f": "c"}, timed)], {"complete": True}))
+    assert whole.meta["complete"] is True
+
+
 def test_an_update_that_adds_a_bucket_re_tunes_the_one_it_narrows() -> None:
     from ferrum_gen.tune import update_plan
 
