@@ -274,15 +274,17 @@ def test_the_tuner_picks_the_least_worst_run_before_the_least_sum() -> None:
         pick_winner({small_tiles: [1.0], large_tiles: [1.0, 2.0]})
 
 
+def bare_table(entries, meta):
+    """A tuning table of spec "s" on "GPU" with these entries and meta, as read from old.json."""
+    return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
+
+
 def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> None:
     from ferrum_gen.tune import merge_update
 
-    def table(entries, meta):
-        return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
-
-    old = table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)],
+    old = bare_table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)],
                 {"complete": True, "default_rule_candidates": {"1": "g", "16": "g"}, "rejected": {}})
-    new = table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
+    new = bare_table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
                 {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True,
                  "default_rule_candidates": {"16": "s", "32": "s"}, "rejected": {"32:x": "rel err 1"}})
     merged = merge_update(old, new)
@@ -292,7 +294,7 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     assert merged.meta["rejected"] == {"32:x": "rel err 1"}
     assert merged.meta["complete"] is True and merged.meta["updates"] == [
         {"buckets": [16, 32], "date": "2026-11-29", "elapsed_s": 12.0, "complete": True}]
-    again = merge_update(merged, table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
+    again = merge_update(merged, bare_table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
     assert [u["buckets"] for u in again.meta["updates"]] == [[16, 32], [64]]
     assert again.source == "old.json"
 
@@ -300,15 +302,12 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
 def test_an_incomplete_table_is_complete_once_updates_have_timed_its_untimed_buckets() -> None:
     from ferrum_gen.tune import merge_update
 
-    def table(entries, meta):
-        return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
-
     timed = {"stream b32x2": 10.0}
-    old = table([tuning.TuningEntry(1, "grouped", {"f": "a"}, timed), tuning.TuningEntry(2048, "stream", {"f": "b"}),
+    old = bare_table([tuning.TuningEntry(1, "grouped", {"f": "a"}, timed), tuning.TuningEntry(2048, "stream", {"f": "b"}),
                  tuning.TuningEntry(4096, "stream", {"f": "b"})], {"complete": False})
-    half = merge_update(old, table([tuning.TuningEntry(2048, "stream", {"f": "c"}, timed)], {"complete": True}))
+    half = merge_update(old, bare_table([tuning.TuningEntry(2048, "stream", {"f": "c"}, timed)], {"complete": True}))
     assert half.meta["complete"] is False  # 4096 still holds the default rule's untimed choice
-    whole = merge_update(half, table([tuning.TuningEntry(4096, "stream", {"f": "c"}, timed)], {"complete": True}))
+    whole = merge_update(half, bare_table([tuning.TuningEntry(4096, "stream", {"f": "c"}, timed)], {"complete": True}))
     assert whole.meta["complete"] is True
 
 
