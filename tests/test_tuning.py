@@ -283,10 +283,10 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     from ferrum_gen.tune import merge_update
 
     old = bare_table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)],
-                {"complete": True, "default_rule_candidates": {"1": "g", "16": "g"}, "rejected": {}})
+                     {"complete": True, "default_rule_candidates": {"1": "g", "16": "g"}, "rejected": {}})
     new = bare_table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
-                {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True,
-                 "default_rule_candidates": {"16": "s", "32": "s"}, "rejected": {"32:x": "rel err 1"}})
+                     {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True,
+                      "default_rule_candidates": {"16": "s", "32": "s"}, "rejected": {"32:x": "rel err 1"}})
     merged = merge_update(old, new)
     assert [(e.bucket, e.path) for e in merged.entries] == [(1, "grouped"), (16, "stream"), (32, "stream"),
                                                             (64, "grouped")]
@@ -303,8 +303,9 @@ def test_an_incomplete_table_is_complete_once_updates_have_timed_its_untimed_buc
     from ferrum_gen.tune import merge_update
 
     timed = {"stream b32x2": 10.0}
-    old = bare_table([tuning.TuningEntry(1, "grouped", {"f": "a"}, timed), tuning.TuningEntry(2048, "stream", {"f": "b"}),
-                 tuning.TuningEntry(4096, "stream", {"f": "b"})], {"complete": False})
+    old = bare_table([tuning.TuningEntry(1, "grouped", {"f": "a"}, timed),
+                      tuning.TuningEntry(2048, "stream", {"f": "b"}), tuning.TuningEntry(4096, "stream", {"f": "b"})],
+                     {"complete": False})
     half = merge_update(old, bare_table([tuning.TuningEntry(2048, "stream", {"f": "c"}, timed)], {"complete": True}))
     assert half.meta["complete"] is False  # 4096 still holds the default rule's untimed choice
     whole = merge_update(half, bare_table([tuning.TuningEntry(4096, "stream", {"f": "c"}, timed)], {"complete": True}))
