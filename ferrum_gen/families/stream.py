@@ -36,6 +36,10 @@ STATIC_SMEM = 4096
 scales, 2 KB at four stages)."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
+WGMMA_BLOCK_SIZES = (128,)
+"""Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
+variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
+tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
 CTAS_PER_SM = (1, 2)
 """Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
 an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
@@ -85,8 +89,13 @@ def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
 
 def _wgmma_variants(spec: MoeSpec) -> list[int]:
     """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma."""
-    return [bs for bs in spec.prefill.block_sizes if bs in BLOCK_SIZES and 64 % bs == 0
-            and set(_stages(spec, bs, 1)[0]) & {a.value for a in WGMMA_ARCHS}]
+    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1)[0]) & {a.value for a in WGMMA_ARCHS}]
+
+
+def block_size_of(spec: MoeSpec, family: str, variant: str) -> int:
+    """The block size (align's override) of a stream family's variant."""
+    kernels = gate_up_kernels(spec) if family == "stream_gate_up_silu" else down_kernels(spec)
+    return next(k.launch["block_size"] for k in kernels if k.variant == variant)
 
 
 def default_variant(spec: MoeSpec) -> tuple[int, int]:
