@@ -87,10 +87,15 @@ def cuda_include_dirs() -> list[str]:
     return seen
 
 
+ARCH_SPECIFIC = {"sm_90": "sm_90a"}
+"""The target each arch is compiled for: sm_90a gives Hopper's wgmma (the stream path's w<size>
+variants) to every kernel; its cubins run on compute capability 9.0 only, as sm_90's bundle does."""
+
+
 def nvrtc_options(arch: str) -> tuple[str, ...]:
     """The options that go into a compile and into its cache key (include dirs do not: they
     locate the same CUDA headers and differ between machines)."""
-    return (f"--gpu-architecture={arch}", "--std=c++17")
+    return (f"--gpu-architecture={ARCH_SPECIFIC.get(arch, arch)}", "--std=c++17")
 
 
 def compile_cubin(source: str, name: str, arch: str) -> bytes:

@@ -51,6 +51,7 @@ import numpy as np
 from . import reference, tuning
 from .bundle import Kernel, KernelBundle
 from .families import align as align_family
+from .families import stream as stream_family
 from .launch import DependentLauncher, pdl_unavailable
 from .quant import QuantType, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
@@ -143,25 +144,53 @@ def decode_token_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens
     return min(max_tokens, max([spec.decode_max_tokens, *tuned]))
 
 
-def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def block_size_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: int) -> int:
+    """The largest block size align is told to use up to max_tokens by default: the spec's largest,
+    or a tuned stream variant's (w128) in a bucket that starts at or below max_tokens. The aligned
+    scratch is padded for it and grows if a larger one is forced."""
+    sizes = list(spec.prefill.block_sizes)
+    if table is not None:
+        buckets = [e.bucket for e in table.entries]
+        for e in table.entries:
+            if e.path in tuning.LOCKSTEP_PATHS and tuning.bucket_edges(e.bucket, buckets)[0] <= max_tokens:
+                family = tuning.PATH_FAMILIES[e.path][0]
+                sizes += [stream_family.block_size_of(spec, family, e.variants[family])]
+    return max(sizes)
+
+
+def aligned_rows(spec: MoeSpec, max_tokens: int, block_size: int) -> int:
+    """Rows of the expert-sorted buffers: every pair, plus padding to block_size for each expert
+    that has pairs (at most min(E, pairs) of them)."""
+    pairs = max_tokens * spec.top_k
+    return pairs + min(spec.num_experts, pairs) * (block_size - 1)
+
+
+def aligned_shapes(spec: MoeSpec, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The expert-sorted buffers for `rows` rows (aligned_rows)."""
+    return {
+        "sorted_ids": ((rows,), "int32"),
+        "block_expert": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),
+        "a_sorted": ((rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
+        "y_sorted": ((rows, spec.hidden_size), _ACT_CUPY[spec.activation_dtype]),
+    }
+
+
+def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
+                   block_size: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every scratch buffer a MoeLayer holds for max_tokens, name -> (shape, dtype): the routing,
-    the prefill path's expert-sorted rows (room for every pair plus each expert's padding to the
-    largest block size), the decode-sized paths' rows for decode_tokens tokens (their largest
-    default or tuned token count: decode_token_cap), and the grouped down's counters."""
+    the aligned paths' expert-sorted rows for align's block_size (default: the spec's largest; see
+    block_size_cap), the decode-sized paths' rows for decode_tokens tokens (their largest default
+    or tuned token count: decode_token_cap), and the grouped down's counters."""
     H, I, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k
     pairs = max_tokens * k
-    cap = pairs + E * (max(spec.prefill.block_sizes) - 1)
-    act, mma = _ACT_CUPY[spec.activation_dtype], _MMA_CUPY[spec.activation_dtype]
+    rows = aligned_rows(spec, max_tokens, block_size or max(spec.prefill.block_sizes))
     shapes = {
         "ids": ((pairs,), "int32"),
         "weights": ((pairs,), "float32"),
         "logits32": ((max_tokens, E), "float32"),
-        "sorted_ids": ((cap,), "int32"),
-        "block_expert": ((cap // min(spec.prefill.block_sizes) + 1,), "int32"),
+        **aligned_shapes(spec, rows),
         "plan": ((2,), "int32"),
         "pairs_by_token": ((pairs,), "int32"),
-        "a_sorted": ((cap, I), mma),
-        "y_sorted": ((cap, H), act),
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
@@ -240,7 +269,8 @@ class MoeLayer:
         """None when the grouped path launches its kernels as programmatic dependents; else why not."""
         self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
-        self._scratch = scratch_shapes(spec, max_tokens, decode_token_cap(spec, self.tuning, max_tokens))
+        self._scratch = scratch_shapes(spec, max_tokens, decode_token_cap(spec, self.tuning, max_tokens),
+                                       block_size_cap(spec, self.tuning, max_tokens))
         for name, (shape, dtype) in self._scratch.items():
             setattr(self, name, (cp.zeros if name in ZEROED_SCRATCH else cp.empty)(shape, dtype=dtype))
         if "x_mma" not in self._scratch:
@@ -256,7 +286,8 @@ class MoeLayer:
     @property
     def scratch_bytes(self) -> int:
         """GPU bytes of the scratch buffers now (scratch_shapes; the decode-sized paths' rows grow
-        if one is forced beyond the tokens they were sized for)."""
+        if one is forced beyond the tokens they were sized for, the aligned paths' if a stream
+        variant of a larger block size is)."""
         return sum(getattr(self, name).nbytes for name in self._scratch)
 
     def __repr__(self) -> str:
@@ -495,6 +526,8 @@ class MoeLayer:
             if check_finite:
                 self._raise_on_non_finite(logits)
             host = self.settings.host_route
+            if choice.path in tuning.ALIGNED_PATHS:
+                self._fit_aligned_scratch(self._block_size(choice))
             if self.routes_in_gate_up(choice):
                 pass  # the gate+up kernel routes (its launch is the route phase's too)
             elif host:
@@ -681,6 +714,16 @@ class MoeLayer:
     def _align_chunks(self, tokens: int) -> int:
         """CTAs that align (and align_count, when above 1) run with for `tokens`."""
         return align_family.cta_count(tokens * self.spec.top_k)
+
+    def _fit_aligned_scratch(self, block_size: int | None) -> None:
+        """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
+        were sized for is forced (tests, comparisons, tuning): every pair's expert may then pad more."""
+        rows = aligned_rows(self.spec, self.max_tokens, block_size or max(self.spec.prefill.block_sizes))
+        if self.sorted_ids.shape[0] >= rows:
+            return
+        cp = _cupy()
+        for name, (shape, dtype) in aligned_shapes(self.spec, rows).items():
+            setattr(self, name, cp.empty(shape, dtype=dtype))
 
     def _block_size(self, choice: tuning.Choice) -> int | None:
         """The block size align must use for an aligned path's call, or None for its padding rule:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ferrum_gen.compile import ARCH_SPECIFIC
 from ferrum_gen.render import write_bundle
 from ferrum_gen.spec import Arch, load_spec, shipped_spec_names
 
@@ -36,7 +37,11 @@ def _nvcc() -> str:
 
 
 def _compile(nvcc: str, source: Path, arch: str, out_dir: Path) -> tuple[Path, int, str]:
-    cmd = [nvcc, f"-arch={arch}", "-cubin", "--Werror", "all-warnings", "-o", str(out_dir / (source.stem + ".cubin")),
+    # the target the bundle compiles for (sm_90a on Hopper): -gencode, as nvcc 13.0's -arch=sm_90a
+    # also runs a plain sm_90 pass
+    target = ARCH_SPECIFIC.get(arch, arch)
+    gencode = f"-gencode=arch=compute_{target[3:]},code={target}"
+    cmd = [nvcc, gencode, "-cubin", "--Werror", "all-warnings", "-o", str(out_dir / (source.stem + ".cubin")),
            str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return source, proc.returncode, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from ferrum_gen import tuning
 from ferrum_gen.quant import row_bytes
-from ferrum_gen.runtime import decode_token_cap, scratch_shapes, shapes_bytes
+from ferrum_gen.runtime import block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
 from ferrum_gen.spec import ActivationDtype, load_spec, shipped_spec_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def committed_table(spec) -> tuning.TuningTable:
 def test_scratch_holds_every_pair_and_each_experts_padding(spec, max_tokens: int) -> None:
     shapes = scratch_shapes(spec, max_tokens, decode_tokens=min(max_tokens, 16))
     pairs = max_tokens * spec.top_k
-    rows = pairs + spec.num_experts * (max(spec.prefill.block_sizes) - 1)
+    rows = pairs + min(spec.num_experts, pairs) * (max(spec.prefill.block_sizes) - 1)
     assert shapes["ids"][0] == shapes["weights"][0] == shapes["pairs_by_token"][0] == (pairs,)
     assert shapes["sorted_ids"][0] == (rows,)
     assert shapes["a_sorted"][0] == (rows, spec.intermediate_size) and shapes["y_sorted"][0] == (rows, spec.hidden_size)
@@ -48,6 +48,7 @@ def test_the_memory_table_in_the_docs_is_what_scratch_shapes_gives(spec) -> None
     E, H, I, q = spec.num_experts, spec.hidden_size, spec.intermediate_size, spec.quant
     weights = E * (I * row_bytes(q.gate, H) + I * row_bytes(q.up, H) + H * row_bytes(q.down, I))
     want = [round(weights / MIB)] + [
-        round(shapes_bytes(scratch_shapes(spec, t, decode_token_cap(spec, committed_table(spec), t))) / MIB, 1)
+        round(shapes_bytes(scratch_shapes(spec, t, decode_token_cap(spec, committed_table(spec), t),
+                                          block_size_cap(spec, committed_table(spec), t))) / MIB, 1)
         for t in (1, 256, 4096)]
     assert cells == want

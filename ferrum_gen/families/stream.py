@@ -11,7 +11,7 @@ b<size>, and b<size>x2 at two CTAs an SM where that fits): the runtime has align
 from __future__ import annotations
 
 from ..quant import QK_K, QuantType
-from ..spec import MoeSpec
+from ..spec import Arch, MoeSpec
 from .base import (
     ACT_CTYPE, ARCH_NUMBER, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec, aligned_down_args,
     aligned_gate_up_args, gpu_block_bytes, quant_tag,
@@ -34,6 +34,12 @@ tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
 scales, 2 KB at four stages)."""
+WGMMA_ARCHS = (Arch.SM_90,)
+"""Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
+WGMMA_BLOCK_SIZES = (128,)
+"""Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
+variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
+tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
 CTAS_PER_SM = (1, 2)
 """Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
 an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
@@ -76,9 +82,20 @@ def _stages(spec: MoeSpec, block_size: int, ctas: int) -> tuple[dict[str, int], 
 
 
 def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
-    """(block size, CTAs an SM) of every stream variant that fits some target arch."""
+    """(block size, CTAs an SM) of every mma.sync stream variant that fits some target arch."""
     return [(bs, ctas) for bs in spec.prefill.block_sizes if bs in BLOCK_SIZES for ctas in CTAS_PER_SM
             if _stages(spec, bs, ctas)[0]]
+
+
+def _wgmma_variants(spec: MoeSpec) -> list[int]:
+    """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma."""
+    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1)[0]) & {a.value for a in WGMMA_ARCHS}]
+
+
+def block_size_of(spec: MoeSpec, family: str, variant: str) -> int:
+    """The block size (align's override) of a stream family's variant."""
+    kernels = gate_up_kernels(spec) if family == "stream_gate_up_silu" else down_kernels(spec)
+    return next(k.launch["block_size"] for k in kernels if k.variant == variant)
 
 
 def default_variant(spec: MoeSpec) -> tuple[int, int]:
@@ -96,23 +113,28 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     dtype = spec.activation_dtype
     default = default_variant(spec)
     out = []
-    for bs, ctas in _variants(spec):
+    wgmma = [(bs, 1, True) for bs in _wgmma_variants(spec)]
+    for bs, ctas, wg in [(bs, ctas, False) for bs, ctas in _variants(spec)] + wgmma:
         stages = _stages(spec, bs, ctas)[0 if matrices == 2 else 1]
+        if wg:
+            stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
         stage = stage_bytes(qt, matrices, bs)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
-        variant = f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
+        # the wgmma form gives each warp one matrix: twice the warps for gate+up
+        threads = WARPS * THREADS_PER_WARP * (matrices if wg else 1)
+        variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
             family=family,
             template=f"{family}.cu.j2",
             variant=variant,
-            default=(bs, ctas) == default,
+            default=not wg and (bs, ctas) == default,
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
-            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": WARPS * THREADS_PER_WARP, "CTAS_PER_SM": ctas,
+            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": threads, "CTAS_PER_SM": ctas, "WGMMA": "true" if wg else "false",
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt], "STAGES_BY_ARCH": by_arch},
             args=args,
-            launch={"threads": WARPS * THREADS_PER_WARP,
+            launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": ROWS,
                     "n_tiles": out_dim // ROWS, "ctas_per_sm": ctas, "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
