@@ -5,7 +5,9 @@ takes ROWS weight rows (16 per warp, the whole k range each) of one aligned bloc
 all of the block's tokens (up to the block size, the mma's N side), and streams its tiles'
 quantized blocks and activations through a cp.async ring as deep as the arch's shared memory
 allows (templates/stream.cuh.j2). One kernel per block size of the spec from 16 to 64 (variant
-b<size>, and b<size>x2 at two CTAs an SM where that fits): the runtime has align use that size.
+b<size>, and b<size>x2 at two CTAs an SM where that fits), and on sm_90 the wgmma form w128
+(blocks of 128, a warp per 16 rows of one matrix: twice the warps for gate+up): the runtime has
+align use the variant's size.
 """
 
 from __future__ import annotations
@@ -131,8 +133,9 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             variant=variant,
             default=not wg and (bs, ctas) == default,
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
-            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": threads, "CTAS_PER_SM": ctas, "WGMMA": "true" if wg else "false",
-                    "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt], "STAGES_BY_ARCH": by_arch},
+            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": threads, "CTAS_PER_SM": ctas,
+                    "WGMMA": "true" if wg else "false", "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
+                    "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": ROWS,
