@@ -151,10 +151,10 @@ def block_size_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: 
     sizes = list(spec.prefill.block_sizes)
     if table is not None:
         buckets = [e.bucket for e in table.entries]
+        variant_sizes = stream_family.variant_block_sizes(spec)
         for e in table.entries:
             if e.path in tuning.LOCKSTEP_PATHS and tuning.bucket_edges(e.bucket, buckets)[0] <= max_tokens:
-                family = tuning.PATH_FAMILIES[e.path][0]
-                sizes += [stream_family.block_size_of(spec, family, e.variants[family])]
+                sizes.append(variant_sizes[e.variants[tuning.PATH_FAMILIES[e.path][0]]])
     return max(sizes)
 
 

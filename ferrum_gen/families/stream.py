@@ -94,10 +94,10 @@ def _wgmma_variants(spec: MoeSpec) -> list[int]:
     return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1)[0]) & {a.value for a in WGMMA_ARCHS}]
 
 
-def block_size_of(spec: MoeSpec, family: str, variant: str) -> int:
-    """The block size (align's override) of a stream family's variant."""
-    kernels = gate_up_kernels(spec) if family == "stream_gate_up_silu" else down_kernels(spec)
-    return next(k.launch["block_size"] for k in kernels if k.variant == variant)
+def variant_block_sizes(spec: MoeSpec) -> dict[str, int]:
+    """The block size (align's override) of each stream variant; both families have the same
+    variants, which the tables and the runtime take in lockstep."""
+    return {k.variant: k.launch["block_size"] for k in gate_up_kernels(spec)}
 
 
 def default_variant(spec: MoeSpec) -> tuple[int, int]:
