@@ -329,9 +329,9 @@ def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: in
 def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: int, rng) -> None:
     """Every grouped variant gives each of a warp's accumulators the same blocks in the same order
     and adds the warps' partial sums in the same order: t16 (two token fragments a pass), r8 (routes
-    itself) and t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
-    copy of a) give the chosen variants' a, y and output bit for bit; and the row tiles' counters
-    are back at zero."""
+    itself), t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
+    copy of a) and, at T = 1, the one-token forms o1/o1m32/o1m64 (no search) give the chosen
+    variants' a, y and output bit for bit; and the row tiles' counters are back at zero."""
     grouped_or_skip(case)
     P = T * case.spec.top_k
     layer = case.layer

@@ -100,6 +100,28 @@ def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_argument
     assert r8.args == t8.args and "routes" not in t8.launch  # the runtime launches both alike
 
 
+def test_the_one_token_variants_are_t8_and_its_row_tile_forms_for_one_token(spec) -> None:
+    kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
+    one = {fv: k for fv, k in kernels.items() if fv[1].startswith(grouped.ONE_TOKEN_PREFIX)}
+    assert bool(one) == grouped.supported(spec)
+    for (family, variant), k in one.items():
+        twin = kernels[(family, variant.replace(grouped.ONE_TOKEN_PREFIX, f"t{grouped.DEFAULT_TOKENS}", 1))]
+        assert k.launch == {**twin.launch, "max_tokens": 1} and k.args == twin.args and not k.default
+        assert k.values == {**twin.values, "ONE_TOKEN": "true"} and twin.values["ONE_TOKEN"] == "false"
+    assert {v for f, v in one if f == "grouped_gate_up_silu"} <= {grouped.ONE_TOKEN_PREFIX}
+
+
+def test_the_tuner_times_the_one_token_variants_at_one_token_only() -> None:
+    from ferrum_gen.tune import candidates
+
+    layer = _fake_layer(load_spec("qwen3moe"), {})
+
+    def one_token(bucket):
+        return [c for c in candidates(layer, bucket) if any(v.startswith(grouped.ONE_TOKEN_PREFIX) for _, v in c.variants)]
+
+    assert one_token(1) and not one_token(2)
+
+
 def _fake_layer(spec, env: dict[str, str]):
     """What tune.candidates reads of a MoeLayer, with the real variant_refusal."""
     from types import SimpleNamespace
@@ -125,7 +147,8 @@ def test_the_tuner_times_the_routing_variant_only_where_it_serves() -> None:
         return [c for c in candidates(layer, bucket) if ("grouped_gate_up_silu", "r8") in c.variants]
 
     layer = _fake_layer(spec, {})
-    down_variants = len(layer.variants["grouped_down_combine"])
-    assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == down_variants  # with each of them
+    down_variants = [v for v in layer.variants["grouped_down_combine"]
+                     if layer.variant_refusal("grouped_down_combine", v, grouped.ROUTED_TOKENS) is None]
+    assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == len(down_variants)  # with each that serves
     assert not routing_candidates(layer, 2 * grouped.ROUTED_TOKENS)
     assert not routing_candidates(_fake_layer(spec, {"FERRUM_MOE_HOST_ROUTE": "1"}), 1)

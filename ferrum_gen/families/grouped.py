@@ -19,6 +19,10 @@ TOKEN_VARIANTS = (16,)
 ROUTED_TOKENS = 8
 """The gate+up variant that is also the router (r8) serves at most this many tokens: every CTA
 routes all of them, which pays only while they are few."""
+ONE_TOKEN_PREFIX = "o1"
+"""The one-token variants (o1, and o1m32/o1m64 for down) are t8 and its row-tile forms for one
+token only: slot s takes pair s, with no expert or pair search (grouped.cuh, slot_expert). Their
+own kernels, so that every other token count runs code compiled without the shortcut."""
 DOWN_ROW_TILES = (2, 4)
 """Down variants whose CTA takes this many 16-row tiles (one group of warps each, sharing the
 token search and the copy of a): t8m32 and t8m64. Down's CTAs are small (a row of I has few
@@ -52,26 +56,30 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
              matrices: int, args: tuple[Arg, ...], gate_up: bool) -> list[KernelSpec]:
     """The family's kernel per variant: one per tokens-per-pass count (t8 the default); for gate+up
     also the one that is the router (r8: t8's tiles, at most ROUTED_TOKENS tokens); for down also
-    t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows)."""
+    t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows); and the one-token
+    forms of t8 and of those row-tile forms (o1, o1m32, o1m64)."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
     warps = warps_for(in_dim)
-    # (name, tokens per pass, routes, 16-row tiles per CTA)
-    variants = [(f"t{t}", t, False, 1) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
+    # (name, tokens per pass, routes, 16-row tiles per CTA, one token only)
+    variants = [(f"t{t}", t, False, 1, False) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
     if gate_up:
-        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1))
-    else:
-        variants += [(f"t{DEFAULT_TOKENS}m{ROWS_PER_CTA * rt}", DEFAULT_TOKENS, False, rt)
-                     for rt in DOWN_ROW_TILES if out_dim % (ROWS_PER_CTA * rt) == 0]
+        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1, False))
+    row_tiles_forms = [(1, "")] + ([] if gate_up else [(rt, f"m{ROWS_PER_CTA * rt}") for rt in DOWN_ROW_TILES
+                                                       if out_dim % (ROWS_PER_CTA * rt) == 0])
+    variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, False) for rt, tag in row_tiles_forms if rt > 1]
+    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, True) for rt, tag in row_tiles_forms]
     out = []
-    for variant, tokens, routing, row_tiles in variants:
+    for variant, tokens, routing, row_tiles, one in variants:
         smem = smem_bytes(warps, tokens, matrices, row_tiles)
         launch = {"threads": warps * row_tiles * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
                   "rows_per_cta": ROWS_PER_CTA * row_tiles, "tokens_per_pass": tokens,
                   "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
         if routing:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
+        if one:
+            launch.update(max_tokens=1)
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
             family=family,
@@ -89,6 +97,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "MMA_T": MMA_CTYPE[dtype],
                 "GROUPED_Q": GROUPED_STRUCT[qt],
                 "SMEM_BYTES": smem,
+                "ONE_TOKEN": "true" if one else "false",
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
