@@ -584,16 +584,20 @@ class MoeLayer:
             self.y_grouped = cp.empty((P, H), dtype=cp.float32)
         (kg,) = self.variants["grouped_gate_up_silu"][choice.variants["grouped_gate_up_silu"]]
         (kd,) = self.variants["grouped_down_combine"][choice.variants["grouped_down_combine"]]
-        slots = min(P, E)  # CTAs past the call's distinct experts exit at once
+
+        def slots(kern: Kernel) -> int:
+            """CTAs past the call's distinct experts exit at once; a few-pairs variant takes a slot per pair."""
+            return P if kern.launch.get("slot_per_pair") else min(P, E)
+
         arch = self.bundle.arch
         dependent = self.uses_pdl(choice)
         self._steps(stream, events, stop_after, [
             ("gate_up_silu", lambda: self._launch(
-                kg, (I // kg.launch["rows_per_cta"], slots), stream, kg.launch["smem_bytes"][arch], dependent,
+                kg, (I // kg.launch["rows_per_cta"], slots(kg)), stream, kg.launch["smem_bytes"][arch], dependent,
                 x=xc, logits=logits, num_tokens=T, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
                 w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)),
             ("down_combine", lambda: self._launch(
-                kd, (H // kd.launch["rows_per_cta"], slots), stream, kd.launch["smem_bytes"][arch], dependent,
+                kd, (H // kd.launch["rows_per_cta"], slots(kd)), stream, kd.launch["smem_bytes"][arch], dependent,
                 a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,
                 w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
         ])

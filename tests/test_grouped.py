@@ -100,26 +100,37 @@ def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_argument
     assert r8.args == t8.args and "routes" not in t8.launch  # the runtime launches both alike
 
 
-def test_the_one_token_variants_are_t8_and_its_row_tile_forms_for_one_token(spec) -> None:
+@pytest.mark.parametrize("prefix, mode", [(grouped.ONE_TOKEN_PREFIX, "ONE"), (grouped.FEW_PAIRS_PREFIX, "FEW")])
+def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(spec, prefix: str, mode: str) -> None:
+    """o1 (one token) and p32 (few pairs, a slot per pair) are t8's kernels with another way to
+    find a CTA's expert and pairs, bounded to the token counts where that way holds."""
     kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
-    one = {fv: k for fv, k in kernels.items() if fv[1].startswith(grouped.ONE_TOKEN_PREFIX)}
-    assert bool(one) == grouped.supported(spec)
-    for (family, variant), k in one.items():
-        twin = kernels[(family, variant.replace(grouped.ONE_TOKEN_PREFIX, f"t{grouped.DEFAULT_TOKENS}", 1))]
-        assert k.launch == {**twin.launch, "max_tokens": 1} and k.args == twin.args and not k.default
-        assert k.values == {**twin.values, "ONE_TOKEN": "true"} and twin.values["ONE_TOKEN"] == "false"
-    assert {v for f, v in one if f == "grouped_gate_up_silu"} <= {grouped.ONE_TOKEN_PREFIX}
+    forms = {fv: k for fv, k in kernels.items() if fv[1].startswith(prefix)}
+    assert bool(forms) == grouped.supported(spec)
+    max_tokens = 1 if mode == "ONE" else grouped.few_pairs_tokens(spec)
+    assert max_tokens * spec.top_k <= grouped.FEW_PAIRS and max_tokens <= grouped.DEFAULT_TOKENS
+    for (family, variant), k in forms.items():
+        twin = kernels[(family, variant.replace(prefix, f"t{grouped.DEFAULT_TOKENS}", 1))]
+        launch = {**twin.launch, "max_tokens": max_tokens}
+        if mode == "FEW":
+            launch.update(slot_per_pair=True, grid="(rows / rows_per_cta, num_pairs)")
+        assert k.launch == launch and k.args == twin.args and not k.default
+        assert k.values == {**twin.values, "SLOT_MODE": mode} and twin.values["SLOT_MODE"] == "SEARCH"
+    assert {v for f, v in forms if f == "grouped_gate_up_silu"} <= {prefix}
 
 
-def test_the_tuner_times_the_one_token_variants_at_one_token_only() -> None:
+def test_the_tuner_times_the_search_free_variants_only_where_they_serve() -> None:
     from ferrum_gen.tune import candidates
 
-    layer = _fake_layer(load_spec("qwen3moe"), {})
+    spec = load_spec("qwen3moe")
+    layer = _fake_layer(spec, {})
 
-    def one_token(bucket):
-        return [c for c in candidates(layer, bucket) if any(v.startswith(grouped.ONE_TOKEN_PREFIX) for _, v in c.variants)]
+    def with_prefix(bucket, prefix):
+        return [c for c in candidates(layer, bucket) if any(v.startswith(prefix) for _, v in c.variants)]
 
-    assert one_token(1) and not one_token(2)
+    assert with_prefix(1, grouped.ONE_TOKEN_PREFIX) and not with_prefix(2, grouped.ONE_TOKEN_PREFIX)
+    few = grouped.few_pairs_tokens(spec)
+    assert with_prefix(few, grouped.FEW_PAIRS_PREFIX) and not with_prefix(few + 1, grouped.FEW_PAIRS_PREFIX)
 
 
 def _fake_layer(spec, env: dict[str, str]):

@@ -23,6 +23,17 @@ ONE_TOKEN_PREFIX = "o1"
 """The one-token variants (o1, and o1m32/o1m64 for down) are t8 and its row-tile forms for one
 token only: slot s takes pair s, with no expert or pair search (grouped.cuh, slot_expert). Their
 own kernels, so that every other token count runs code compiled without the shortcut."""
+FEW_PAIRS_PREFIX = "p32"
+FEW_PAIRS = 32
+"""The few-pairs variants (p32, p32m32, p32m64): t8 and its row-tile forms for calls of at most
+FEW_PAIRS pairs whose experts' pairs fit one pass, launched with one slot per pair: a CTA finds
+its expert and pairs with warp votes on ids, with no shared memory or barrier (slot_expert)."""
+
+
+def few_pairs_tokens(spec: MoeSpec) -> int:
+    """The most tokens the few-pairs variants serve: FEW_PAIRS pairs, and one pass of t8 (a token
+    picks an expert once, so an expert has at most T pairs)."""
+    return min(FEW_PAIRS // spec.top_k, DEFAULT_TOKENS)
 DOWN_ROW_TILES = (2, 4)
 """Down variants whose CTA takes this many 16-row tiles (one group of warps each, sharing the
 token search and the copy of a): t8m32 and t8m64. Down's CTAs are small (a row of I has few
@@ -62,24 +73,29 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
         return []
     dtype = spec.activation_dtype
     warps = warps_for(in_dim)
-    # (name, tokens per pass, routes, 16-row tiles per CTA, one token only)
-    variants = [(f"t{t}", t, False, 1, False) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
+    # (name, tokens per pass, routes, 16-row tiles per CTA, slot mode)
+    variants = [(f"t{t}", t, False, 1, "SEARCH") for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
     if gate_up:
-        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1, False))
+        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1, "SEARCH"))
     row_tiles_forms = [(1, "")] + ([] if gate_up else [(rt, f"m{ROWS_PER_CTA * rt}") for rt in DOWN_ROW_TILES
                                                        if out_dim % (ROWS_PER_CTA * rt) == 0])
-    variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, False) for rt, tag in row_tiles_forms if rt > 1]
-    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, True) for rt, tag in row_tiles_forms]
+    variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, "SEARCH") for rt, tag in row_tiles_forms
+                 if rt > 1]
+    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "ONE") for rt, tag in row_tiles_forms]
+    variants += [(f"{FEW_PAIRS_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "FEW") for rt, tag in row_tiles_forms]
     out = []
-    for variant, tokens, routing, row_tiles, one in variants:
+    for variant, tokens, routing, row_tiles, slots in variants:
         smem = smem_bytes(warps, tokens, matrices, row_tiles)
         launch = {"threads": warps * row_tiles * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
                   "rows_per_cta": ROWS_PER_CTA * row_tiles, "tokens_per_pass": tokens,
                   "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
         if routing:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
-        if one:
+        if slots == "ONE":
             launch.update(max_tokens=1)
+        elif slots == "FEW":
+            launch.update(max_tokens=few_pairs_tokens(spec), slot_per_pair=True,
+                          grid="(rows / rows_per_cta, num_pairs)")
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
             family=family,
@@ -97,7 +113,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "MMA_T": MMA_CTYPE[dtype],
                 "GROUPED_Q": GROUPED_STRUCT[qt],
                 "SMEM_BYTES": smem,
-                "ONE_TOKEN": "true" if one else "false",
+                "SLOT_MODE": slots,
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
