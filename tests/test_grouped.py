@@ -102,7 +102,7 @@ def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_argument
 
 @pytest.mark.parametrize("prefix, mode", [(grouped.ONE_TOKEN_PREFIX, "ONE"), (grouped.FEW_PAIRS_PREFIX, "FEW")])
 def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(spec, prefix: str, mode: str) -> None:
-    """o1 (one token) and p32 (few pairs, a slot per pair) are t8's kernels with another way to
+    """o1 (one token) and p64 (few pairs, a slot per pair) are t8's kernels with another way to
     find a CTA's expert and pairs, bounded to the token counts where that way holds."""
     kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
     forms = {fv: k for fv, k in kernels.items() if fv[1].startswith(prefix)}
