@@ -115,7 +115,8 @@ def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(s
         if mode == "FEW":
             launch.update(slot_per_pair=True, grid="(rows / rows_per_cta, num_pairs)")
         assert k.launch == launch and k.args == twin.args and not k.default
-        assert k.values == {**twin.values, "SLOT_MODE": mode} and twin.values["SLOT_MODE"] == "SEARCH"
+        assert k.values == {**twin.values, "SLOT_MODE": mode, "FEW_PAIRS": grouped.FEW_PAIRS if mode == "FEW" else 0}
+        assert twin.values["SLOT_MODE"] == "SEARCH" and twin.values["FEW_PAIRS"] == 0
     assert {v for f, v in forms if f == "grouped_gate_up_silu"} <= {prefix}
 
 

@@ -215,8 +215,8 @@ def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
     spec = spec_from_dict(data)
     available, defaults = manifest_variants(spec, arch="sm_80")
     # the grouped kernels' variants (two pass widths, gate+up that also routes, down with 2 and 4
-    # row tiles a CTA, the one-token and few-pairs forms) and the stream kernels' (one per block size from 16 to
-    # 64) are not spec keys: they come with every bundle
+    # row tiles a CTA, the one-token and few-pairs forms) and the stream kernels' (one per block
+    # size from 16 to 64) are not spec keys: they come with every bundle
     fixed = set(tuning.PATH_FAMILIES["grouped"]) | set(tuning.PATH_FAMILIES["stream"])
     assert {f: set(v) for f, v in available.items() if f not in fixed} == \
         {f: {d} for f, d in defaults.items() if f not in fixed}

@@ -26,9 +26,9 @@ own kernels, so that every other token count runs code compiled without the shor
 FEW_PAIRS_PREFIX = "p64"
 FEW_PAIRS = 64
 """The few-pairs variants (p64, p64m32, p64m64): t8 and its row-tile forms for calls of at most
-FEW_PAIRS pairs (grouped.cuh's FEW_PAIRS) whose experts' pairs fit one pass, launched with one
-slot per pair: a CTA finds its expert and pairs with warp votes on ids, with no shared memory or
-barrier (slot_expert)."""
+FEW_PAIRS pairs (a multiple of 32: 32 a lane's id) whose experts' pairs fit one pass, launched
+with one slot per pair: a CTA finds its expert and pairs with warp votes on ids, with no shared
+memory or barrier (grouped.cuh, slot_expert)."""
 
 
 def few_pairs_tokens(spec: MoeSpec) -> int:
@@ -68,8 +68,9 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
              matrices: int, args: tuple[Arg, ...], gate_up: bool) -> list[KernelSpec]:
     """The family's kernel per variant: one per tokens-per-pass count (t8 the default); for gate+up
     also the one that is the router (r8: t8's tiles, at most ROUTED_TOKENS tokens); for down also
-    t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows); and the one-token
-    forms of t8 and of those row-tile forms (o1, o1m32, o1m64)."""
+    t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows); and the forms of
+    t8 and of those row-tile forms without a CTA-wide search: for one token (o1, o1m32, o1m64) and
+    for few pairs (p64, p64m32, p64m64)."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
@@ -115,6 +116,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "GROUPED_Q": GROUPED_STRUCT[qt],
                 "SMEM_BYTES": smem,
                 "SLOT_MODE": slots,
+                "FEW_PAIRS": FEW_PAIRS if slots == "FEW" else 0,
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
