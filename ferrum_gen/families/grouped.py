@@ -23,12 +23,12 @@ ONE_TOKEN_PREFIX = "o1"
 """The one-token variants (o1, and o1m32/o1m64 for down) are t8 and its row-tile forms for one
 token only: slot s takes pair s, with no expert or pair search (grouped.cuh, slot_expert). Their
 own kernels, so that every other token count runs code compiled without the shortcut."""
-FEW_PAIRS_PREFIX = "p64"
 FEW_PAIRS = 64
 """The few-pairs variants (p64, p64m32, p64m64): t8 and its row-tile forms for calls of at most
 FEW_PAIRS pairs (a multiple of 32: 32 a lane's id) whose experts' pairs fit one pass, launched
 with one slot per pair: a CTA finds its expert and pairs with warp votes on ids, with no shared
 memory or barrier (grouped.cuh, slot_expert)."""
+FEW_PAIRS_PREFIX = f"p{FEW_PAIRS}"
 
 
 def few_pairs_tokens(spec: MoeSpec) -> int:
