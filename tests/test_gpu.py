@@ -325,13 +325,13 @@ def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: in
     assert rel_err(pre, from_act(first, dtype)) <= LAYER_TOL[dtype]
 
 
-@pytest.mark.parametrize("T", (1, 3, 8, 9, 33))
+@pytest.mark.parametrize("T", (1, 3, 8, 9, 16, 33))
 def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: int, rng) -> None:
     """Every grouped variant gives each of a warp's accumulators the same blocks in the same order
     and adds the warps' partial sums in the same order: t16 (two token fragments a pass), r8 (routes
     itself), t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
-    copy of a), and the forms without a search (o1/o1m32/o1m64 at T = 1, p64/p64m32/p64m64 up to
-    64 pairs) give the chosen variants' a, y and output bit for bit; and the row tiles' counters
+    copy of a), and the forms without a search (o1/o1m32/o1m64 at T = 1; p64 and p128 with their
+    row-tile forms up to 64 and 128 pairs) give the chosen variants' a, y and output bit for bit; and the row tiles' counters
     are back at zero."""
     grouped_or_skip(case)
     P = T * case.spec.top_k

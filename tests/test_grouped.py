@@ -100,22 +100,24 @@ def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_argument
     assert r8.args == t8.args and "routes" not in t8.launch  # the runtime launches both alike
 
 
-@pytest.mark.parametrize("prefix, mode", [(grouped.ONE_TOKEN_PREFIX, "ONE"), (grouped.FEW_PAIRS_PREFIX, "FEW")])
-def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(spec, prefix: str, mode: str) -> None:
-    """o1 (one token) and p64 (few pairs, a slot per pair) are t8's kernels with another way to
+@pytest.mark.parametrize("prefix, mode, few", [(grouped.ONE_TOKEN_PREFIX, "ONE", 0),
+                                               *((f"p{few}", "FEW", few) for few in grouped.FEW_PAIRS)])
+def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(spec, prefix: str, mode: str,
+                                                                               few: int) -> None:
+    """o1 (one token) and p64/p128 (few pairs, a slot per pair) are t8's kernels with another way to
     find a CTA's expert and pairs, bounded to the token counts where that way holds."""
     kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
-    forms = {fv: k for fv, k in kernels.items() if fv[1].startswith(prefix)}
+    forms = {fv: k for fv, k in kernels.items() if fv[1] == prefix or fv[1].startswith(prefix + "m")}
     assert bool(forms) == grouped.supported(spec)
-    max_tokens = 1 if mode == "ONE" else grouped.few_pairs_tokens(spec)
-    assert max_tokens * spec.top_k <= grouped.FEW_PAIRS and max_tokens <= grouped.DEFAULT_TOKENS
+    max_tokens = 1 if mode == "ONE" else grouped.few_pairs_tokens(spec, few)
+    assert max_tokens * spec.top_k <= max(few, spec.top_k)
     for (family, variant), k in forms.items():
         twin = kernels[(family, variant.replace(prefix, f"t{grouped.DEFAULT_TOKENS}", 1))]
         launch = {**twin.launch, "max_tokens": max_tokens}
         if mode == "FEW":
             launch.update(slot_per_pair=True, grid="(rows / rows_per_cta, num_pairs)")
         assert k.launch == launch and k.args == twin.args and not k.default
-        assert k.values == {**twin.values, "SLOT_MODE": mode, "FEW_PAIRS": grouped.FEW_PAIRS if mode == "FEW" else 0}
+        assert k.values == {**twin.values, "SLOT_MODE": mode, "FEW_PAIRS": few}
         assert twin.values["SLOT_MODE"] == "SEARCH" and twin.values["FEW_PAIRS"] == 0
     assert {v for f, v in forms if f == "grouped_gate_up_silu"} <= {prefix}
 
@@ -126,12 +128,13 @@ def test_the_tuner_times_the_search_free_variants_only_where_they_serve() -> Non
     spec = load_spec("qwen3moe")
     layer = _fake_layer(spec, {})
 
-    def with_prefix(bucket, prefix):
-        return [c for c in candidates(layer, bucket) if any(v.startswith(prefix) for _, v in c.variants)]
+    def with_variant(bucket, variant):
+        return [c for c in candidates(layer, bucket) if ("grouped_gate_up_silu", variant) in c.variants]
 
-    assert with_prefix(1, grouped.ONE_TOKEN_PREFIX) and not with_prefix(2, grouped.ONE_TOKEN_PREFIX)
-    few = grouped.few_pairs_tokens(spec)
-    assert with_prefix(few, grouped.FEW_PAIRS_PREFIX) and not with_prefix(few + 1, grouped.FEW_PAIRS_PREFIX)
+    assert with_variant(1, grouped.ONE_TOKEN_PREFIX) and not with_variant(2, grouped.ONE_TOKEN_PREFIX)
+    for few in grouped.FEW_PAIRS:
+        most = grouped.few_pairs_tokens(spec, few)
+        assert with_variant(most, f"p{few}") and not with_variant(most + 1, f"p{few}")
 
 
 def _fake_layer(spec, env: dict[str, str]):

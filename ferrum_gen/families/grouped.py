@@ -23,18 +23,18 @@ ONE_TOKEN_PREFIX = "o1"
 """The one-token variants (o1, and o1m32/o1m64 for down) are t8 and its row-tile forms for one
 token only: slot s takes pair s, with no expert or pair search (grouped.cuh, slot_expert). Their
 own kernels, so that every other token count runs code compiled without the shortcut."""
-FEW_PAIRS = 64
-"""The few-pairs variants (p64, p64m32, p64m64): t8 and its row-tile forms for calls of at most
-FEW_PAIRS pairs (a multiple of 32: 32 a lane's id) whose experts' pairs fit one pass, launched
-with one slot per pair: a CTA finds its expert and pairs with warp votes on ids, with no shared
-memory or barrier (grouped.cuh, slot_expert)."""
-FEW_PAIRS_PREFIX = f"p{FEW_PAIRS}"
+FEW_PAIRS = (64, 128)
+"""The few-pairs variants (p64, p128, and their m32/m64 down forms) are t8 and its row-tile forms
+for calls of at most that many pairs, launched with one slot per pair: a CTA finds its expert and
+pairs with warp votes on ids, with no shared memory or barrier before its first pass
+(grouped.cuh, slot_expert). Two sizes: the larger serves more tokens, the smaller reads fewer ids."""
 
 
-def few_pairs_tokens(spec: MoeSpec) -> int:
-    """The most tokens the few-pairs variants serve: FEW_PAIRS pairs, and one pass of t8 (a token
-    picks an expert once, so an expert has at most T pairs)."""
-    return min(FEW_PAIRS // spec.top_k, DEFAULT_TOKENS)
+def few_pairs_tokens(spec: MoeSpec, pairs: int) -> int:
+    """The most tokens a few-pairs variant of `pairs` pairs serves."""
+    return pairs // spec.top_k
+
+
 DOWN_ROW_TILES = (2, 4)
 """Down variants whose CTA takes this many 16-row tiles (one group of warps each, sharing the
 token search and the copy of a): t8m32 and t8m64. Down's CTAs are small (a row of I has few
@@ -69,24 +69,25 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
     """The family's kernel per variant: one per tokens-per-pass count (t8 the default); for gate+up
     also the one that is the router (r8: t8's tiles, at most ROUTED_TOKENS tokens); for down also
     t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows); and the forms of
-    t8 and of those row-tile forms without a CTA-wide search: for one token (o1, o1m32, o1m64) and
-    for few pairs (p64, p64m32, p64m64)."""
+    t8 and of those row-tile forms without a CTA-wide search: one token (o1, o1m32, o1m64) and
+    few pairs (p64, p128, ... with the same suffixes)."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
     warps = warps_for(in_dim)
-    # (name, tokens per pass, routes, 16-row tiles per CTA, slot mode)
-    variants = [(f"t{t}", t, False, 1, "SEARCH") for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
+    # (name, tokens per pass, routes, 16-row tiles per CTA, slot mode, most pairs of a FEW variant)
+    variants = [(f"t{t}", t, False, 1, "SEARCH", 0) for t in (DEFAULT_TOKENS, *TOKEN_VARIANTS)]
     if gate_up:
-        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1, "SEARCH"))
+        variants.append((f"r{DEFAULT_TOKENS}", DEFAULT_TOKENS, True, 1, "SEARCH", 0))
     row_tiles_forms = [(1, "")] + ([] if gate_up else [(rt, f"m{ROWS_PER_CTA * rt}") for rt in DOWN_ROW_TILES
                                                        if out_dim % (ROWS_PER_CTA * rt) == 0])
-    variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, "SEARCH") for rt, tag in row_tiles_forms
+    variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, "SEARCH", 0) for rt, tag in row_tiles_forms
                  if rt > 1]
-    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "ONE") for rt, tag in row_tiles_forms]
-    variants += [(f"{FEW_PAIRS_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "FEW") for rt, tag in row_tiles_forms]
+    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "ONE", 0) for rt, tag in row_tiles_forms]
+    variants += [(f"p{few}{tag}", DEFAULT_TOKENS, False, rt, "FEW", few) for few in FEW_PAIRS
+                 for rt, tag in row_tiles_forms if few_pairs_tokens(spec, few) >= 1]
     out = []
-    for variant, tokens, routing, row_tiles, slots in variants:
+    for variant, tokens, routing, row_tiles, slots, few in variants:
         smem = smem_bytes(warps, tokens, matrices, row_tiles)
         launch = {"threads": warps * row_tiles * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
                   "rows_per_cta": ROWS_PER_CTA * row_tiles, "tokens_per_pass": tokens,
@@ -96,7 +97,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
         if slots == "ONE":
             launch.update(max_tokens=1)
         elif slots == "FEW":
-            launch.update(max_tokens=few_pairs_tokens(spec), slot_per_pair=True,
+            launch.update(max_tokens=few_pairs_tokens(spec, few), slot_per_pair=True,
                           grid="(rows / rows_per_cta, num_pairs)")
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
@@ -116,7 +117,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "GROUPED_Q": GROUPED_STRUCT[qt],
                 "SMEM_BYTES": smem,
                 "SLOT_MODE": slots,
-                "FEW_PAIRS": FEW_PAIRS if slots == "FEW" else 0,
+                "FEW_PAIRS": few,
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
