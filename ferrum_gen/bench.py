@@ -696,13 +696,21 @@ def _nvidia_smi_clocks() -> tuple[Clocks | None, str | None]:
                   memory_max_mhz=mhz(fields[3])), (fields[4] if len(fields) > 4 else None)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
+def git_commit(where: Path = Path(__file__).resolve().parent) -> str | None:
+    """The checkout's commit, with "-dirty" when tracked files differ from it (a copied tree, an
+    uncommitted kernel): a result then names the commit it started from, not what ran."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=where)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
         return None
-    return out.stdout.strip() or None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("-dirty" if changes else "") if changes is not None else commit
 
 
 def environment(command: str) -> Environment:
@@ -724,7 +732,7 @@ def environment(command: str) -> Environment:
         cuda_runtime=cuda_version(cp.cuda.runtime.runtimeGetVersion()),
         cupy=cp.__version__,
         torch=None if torch is None else torch.__version__,
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
         clocks=clocks,
     )
 

@@ -4,6 +4,8 @@ plus one GPU run on the tiny spec that skips without CuPy."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -350,3 +352,22 @@ def test_bench_runs_on_the_gpu_for_the_tiny_spec(tmp_path) -> None:
     path = tmp_path / "r.json"
     bench.save_result(result, path)
     assert not bench.compare(bench.load_result(path), result).regressed
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_result_names_its_commit_and_whether_the_tree_differed_from_it(tmp_path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert bench.git_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "kernel.cu").write_text("a\n")
+    git("add", "kernel.cu")
+    git("commit", "-q", "-m", "one")
+    clean = bench.git_commit(tmp_path)
+    assert clean is not None and len(clean) == 12 and not clean.endswith("-dirty")
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert bench.git_commit(tmp_path) == clean
+    (tmp_path / "kernel.cu").write_text("b\n")
+    assert bench.git_commit(tmp_path) == clean + "-dirty"
