@@ -1,13 +1,13 @@
 """The stream path's two families (weight-streaming tensor-core kernels for mid and large T).
 
 stream_gate_up_silu and stream_down share the geometry worked out here: a CTA of WARPS warps
-takes ROWS weight rows (16 per warp, the whole k range each) of one aligned block's expert and
-all of the block's tokens (up to the block size, the mma's N side), and streams its tiles'
-quantized blocks and activations through a cp.async ring as deep as the arch's shared memory
-allows (templates/stream.cuh.j2). One kernel per block size of the spec from 16 to 64 (variant
-b<size>, and b<size>x2 at two CTAs an SM where that fits), and on sm_90 the wgmma form w128
-(blocks of 128, a warp per 16 rows of one matrix: twice the warps for gate+up): the runtime has
-align use the variant's size.
+(SMALL_WARPS in the four-CTA variants) takes 16 weight rows a warp (the whole k range each) of
+one aligned block's expert and all of the block's tokens (up to the block size, the mma's N
+side), and streams its tiles' quantized blocks and activations through a cp.async ring as deep
+as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
+spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
+where that fits), and on sm_90 the wgmma form w128 (blocks of 128, a warp per 16 rows of one
+matrix: twice the warps for gate+up): the runtime has align use the variant's size.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from .grouped import supported as grouped_supported
 
 WARPS = 8
 ROWS = 16 * WARPS
+"""The CTA of the wgmma variants and of the mma.sync ones at one or two CTAs an SM; the mma.sync
+variants at CTAS_PER_SM[-1] take SMALL_WARPS (rows_for)."""
+SMALL_WARPS = 4
 BLOCK_SIZES = range(16, 65)
 """Block sizes a stream kernel is made for, among the spec's prefill.block_sizes (multiples of 16):
 more than 64 would need more accumulators. b16 pays where experts have few tokens each (T = 13-32
@@ -35,17 +38,18 @@ DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
 tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger ones by 1-7 %."""
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
-scales, 2 KB at four stages)."""
+scales, 2 KB at four stages), where a CTA has a whole half of the SM or more."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
 WGMMA_BLOCK_SIZES = (128,)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
 variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
 tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
-CTAS_PER_SM = (1, 2)
-"""Occupancy variants: one CTA an SM (the deepest ring) and, where two stages still fit in half
-an SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
-latency; variant b<size>x2)."""
+CTAS_PER_SM = (1, 2, 4)
+"""Occupancy variants: one CTA an SM (the deepest ring); where two stages still fit in half an
+SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
+latency; variant b<size>x2); and four CTAs of SMALL_WARPS warps (64 rows; variant b<size>x4):
+the same warps an SM as x2, with four independent rings and barriers of 4 warps."""
 SMEM_RESERVED_PER_CTA = 1024
 """Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
 
@@ -57,16 +61,30 @@ def supported(spec: MoeSpec) -> bool:
             and any(bs in BLOCK_SIZES for bs in spec.prefill.block_sizes))
 
 
-def stage_bytes(qt: QuantType, matrices: int, block_size: int) -> int:
-    """One k-step of a tile: each matrix's ROWS quantized blocks, and the block's activations."""
-    return matrices * ROWS * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
+def rows_for(ctas: int) -> int:
+    """Weight rows a CTA of an mma.sync variant takes (16 a warp)."""
+    return 16 * (SMALL_WARPS if ctas == CTAS_PER_SM[-1] else WARPS)
 
 
-def stages_by_arch(spec: MoeSpec, stage: int, ctas: int) -> dict[str, int]:
+def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS) -> int:
+    """One k-step of a tile: each matrix's `rows` quantized blocks, and the block's activations."""
+    return matrices * rows * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
+
+
+def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int) -> int:
+    """Static shared memory to keep beside the ring: STATIC_SMEM up to two CTAs an SM (as before
+    the four-CTA variants); at more, the kernel's own, one block scale a row and stage for Q6_K
+    (stream.cuh's block_d) at MAX_STAGES."""
+    if ctas <= 2:
+        return STATIC_SMEM
+    return MAX_STAGES * 4 * (matrices * rows if qt is QuantType.Q6_K else 1)
+
+
+def stages_by_arch(spec: MoeSpec, stage: int, ctas: int, static: int = STATIC_SMEM) -> dict[str, int]:
     """Ring depth per target arch where at least two stages fit beside `ctas` - 1 other CTAs."""
     out = {}
     for arch in spec.target_archs:
-        budget = (SMEM_LIMIT[arch] + SMEM_RESERVED_PER_CTA) // ctas - SMEM_RESERVED_PER_CTA - STATIC_SMEM
+        budget = (SMEM_LIMIT[arch] + SMEM_RESERVED_PER_CTA) // ctas - SMEM_RESERVED_PER_CTA - static
         stages = min(MAX_STAGES, budget // stage)
         if stages >= 2:
             out[arch.value] = stages
@@ -76,9 +94,9 @@ def stages_by_arch(spec: MoeSpec, stage: int, ctas: int) -> dict[str, int]:
 def _stages(spec: MoeSpec, block_size: int, ctas: int) -> tuple[dict[str, int], dict[str, int]]:
     """(gate+up, down) ring depth per arch, for the archs where both kernels fit: a variant is
     the block size align uses, so both families have it or neither does."""
-    q = spec.quant
-    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size), ctas)
-    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size), ctas)
+    q, rows = spec.quant, rows_for(ctas)
+    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas, static_smem(q.gate, 2, rows, ctas))
+    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, rows), ctas, static_smem(q.down, 1, rows, ctas))
     both = gate_up.keys() & down.keys()
     return {a: s for a, s in gate_up.items() if a in both}, {a: s for a, s in down.items() if a in both}
 
@@ -120,11 +138,12 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         stages = _stages(spec, bs, ctas)[0 if matrices == 2 else 1]
         if wg:
             stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
-        stage = stage_bytes(qt, matrices, bs)
+        rows = ROWS if wg else rows_for(ctas)
+        stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
         # the wgmma form gives each warp one matrix: twice the warps for gate+up
-        threads = WARPS * THREADS_PER_WARP * (matrices if wg else 1)
+        threads = rows // 16 * THREADS_PER_WARP * (matrices if wg else 1)
         variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
@@ -133,13 +152,13 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             variant=variant,
             default=not wg and (bs, ctas) == default,
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
-            values={**values, "BS": bs, "ROWS": ROWS, "THREADS": threads, "CTAS_PER_SM": ctas,
+            values={**values, "BS": bs, "ROWS": rows, "THREADS": threads, "CTAS_PER_SM": ctas,
                     "WGMMA": "true" if wg else "false", "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
-                    "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": ROWS,
-                    "n_tiles": out_dim // ROWS, "ctas_per_sm": ctas, "stages": stages,
+                    "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
+                    "n_tiles": out_dim // rows, "ctas_per_sm": ctas, "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
     return out
