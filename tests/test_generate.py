@@ -182,3 +182,29 @@ def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
     data["variants"]["gate_up_tile_n"] = [256]
     with pytest.raises(SpecError, match=r"remove 256 from variants.gate_up_tile_n"):
         spec_from_dict(data)
+
+
+def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec) -> None:
+    """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), its tiles
+    cover the output rows, and ctas_per_sm CTAs with their rings of at least two stages (plus the
+    kernel's static shared memory and the per-CTA reserve) fit the SM of every arch it runs on."""
+    from ferrum_gen.families import stream
+    from ferrum_gen.families.base import SMEM_LIMIT
+    from ferrum_gen.spec import Arch
+
+    out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
+    for k in enumerate_kernels(spec):
+        if k.family not in out_dims:
+            continue
+        launch, wgmma = k.launch, k.variant.startswith("w")
+        matrices = 2 if k.family == "stream_gate_up_silu" else 1
+        assert launch["tile_n"] * launch["n_tiles"] == out_dims[k.family], k.uri
+        assert launch["threads"] == launch["tile_n"] // 16 * 32 * (matrices if wgmma else 1), k.uri
+        qt = spec.quant.gate if matrices == 2 else spec.quant.down
+        static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])
+        for arch, stages in launch["stages"].items():
+            assert stages >= 2, k.uri
+            per_cta = launch["smem_bytes"][arch] + static + stream.SMEM_RESERVED_PER_CTA
+            assert launch["ctas_per_sm"] * per_cta <= SMEM_LIMIT[Arch(arch)] + stream.SMEM_RESERVED_PER_CTA, (k.uri, arch)
+        if launch["ctas_per_sm"] == stream.CTAS_PER_SM[-1]:
+            assert k.variant.endswith(f"x{launch['ctas_per_sm']}") and launch["tile_n"] == 16 * stream.SMALL_WARPS
