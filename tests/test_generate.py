@@ -11,10 +11,11 @@ import pytest
 
 from ferrum_gen import __version__
 from ferrum_gen.enumerate import enumerate_kernels
+from ferrum_gen.families import stream
+from ferrum_gen.families.base import SMEM_LIMIT
 from ferrum_gen.families.grouped import supported as grouped_supported
-from ferrum_gen.families.stream import supported as stream_supported
 from ferrum_gen.render import MANIFEST, _ENV, bundle_files, render_spec, template_hash, write_bundle
-from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names, spec_from_dict
+from ferrum_gen.spec import Arch, SpecError, load_spec, shipped_spec_names, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "generated"
@@ -27,7 +28,7 @@ def families_of(spec) -> set[str]:
     """Every spec has FAMILIES; the grouped and stream kernels only where gate and up share a quant
     type (and, for stream, the tiles divide the projections)."""
     return (FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
-            | (STREAM_FAMILIES if stream_supported(spec) else set()))
+            | (STREAM_FAMILIES if stream.supported(spec) else set()))
 
 
 @pytest.fixture(params=shipped_spec_names())
@@ -188,10 +189,6 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), its tiles
     cover the output rows, and ctas_per_sm CTAs with their rings of at least two stages (plus the
     kernel's static shared memory and the per-CTA reserve) fit the SM of every arch it runs on."""
-    from ferrum_gen.families import stream
-    from ferrum_gen.families.base import SMEM_LIMIT
-    from ferrum_gen.spec import Arch
-
     out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
     for k in enumerate_kernels(spec):
         if k.family not in out_dims:
@@ -205,6 +202,7 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         for arch, stages in launch["stages"].items():
             assert stages >= 2, k.uri
             per_cta = launch["smem_bytes"][arch] + static + stream.SMEM_RESERVED_PER_CTA
-            assert launch["ctas_per_sm"] * per_cta <= SMEM_LIMIT[Arch(arch)] + stream.SMEM_RESERVED_PER_CTA, (k.uri, arch)
+            limit = SMEM_LIMIT[Arch(arch)] + stream.SMEM_RESERVED_PER_CTA
+            assert launch["ctas_per_sm"] * per_cta <= limit, (k.uri, arch)
         if launch["ctas_per_sm"] == stream.CTAS_PER_SM[-1]:
             assert k.variant.endswith(f"x{launch['ctas_per_sm']}") and launch["tile_n"] == 16 * stream.SMALL_WARPS

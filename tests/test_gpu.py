@@ -331,8 +331,8 @@ def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: i
     and adds the warps' partial sums in the same order: t16 (two token fragments a pass), r8 (routes
     itself), t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
     copy of a), and the forms without a search (o1/o1m32/o1m64 at T = 1; p64 and p128 with their
-    row-tile forms up to 64 and 128 pairs) give the chosen variants' a, y and output bit for bit; and the row tiles' counters
-    are back at zero."""
+    row-tile forms up to 64 and 128 pairs) give the chosen variants' a, y and output bit for bit;
+    and the row tiles' counters are back at zero."""
     grouped_or_skip(case)
     P = T * case.spec.top_k
     layer = case.layer
