@@ -186,9 +186,10 @@ def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
 
 
 def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec) -> None:
-    """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), its tiles
-    cover the output rows, and ctas_per_sm CTAs with their rings of at least two stages (plus the
-    kernel's static shared memory and the per-CTA reserve) fit the SM of every arch it runs on."""
+    """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
+    producer warp of wgmma down, its tiles cover the output rows, and ctas_per_sm CTAs with their
+    rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
+    fit the SM of every arch it runs on."""
     out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
     for k in enumerate_kernels(spec):
         if k.family not in out_dims:
@@ -196,7 +197,8 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         launch, wgmma = k.launch, k.variant.startswith("w")
         matrices = 2 if k.family == "stream_gate_up_silu" else 1
         assert launch["tile_n"] * launch["n_tiles"] == out_dims[k.family], k.uri
-        assert launch["threads"] == launch["tile_n"] // 16 * 32 * (matrices if wgmma else 1), k.uri
+        warps = launch["tile_n"] // 16 * (matrices if wgmma else 1) + launch["producer_warps"]
+        assert launch["threads"] == warps * 32 and launch["producer_warps"] == (wgmma and matrices == 1), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])
         for arch, stages in launch["stages"].items():

@@ -7,7 +7,8 @@ side), and streams its tiles' quantized blocks and activations through a cp.asyn
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
 where that fits), and on sm_90 the wgmma form w128 (blocks of 128, a warp per 16 rows of one
-matrix: twice the warps for gate+up): the runtime has align use the variant's size.
+matrix: twice the warps for gate+up; down's with a producer warp): the runtime has align use the
+variant's size.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ WGMMA_BLOCK_SIZES = (128,)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
 variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
 tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
+PRODUCER_MATRICES = 1
+"""The wgmma kernels with this many matrices (down) add a producer warp: it issues every copy of
+the ring, and the multiplying warps wait only for their stage's copies and hand the stage back on
+their own (mbarriers), with no CTA barrier a step: the layer 3-7 % faster at T = 512-4096 on an
+H200 (docs/perf-notes.md). Gate+up's 16 warps and a producer get 96 registers a thread from ptxas
+(it spills 880 bytes), which made that kernel slower by about what down gained."""
 CTAS_PER_SM = (1, 2, 4)
 """Occupancy variants: one CTA an SM (the deepest ring); where two stages still fit in half an
 SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
@@ -143,7 +150,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
         # the wgmma form gives each warp one matrix: twice the warps for gate+up
-        threads = rows // 16 * THREADS_PER_WARP * (matrices if wg else 1)
+        producer = wg and matrices == PRODUCER_MATRICES
+        threads = (rows // 16 * (matrices if wg else 1) + producer) * THREADS_PER_WARP
         variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
@@ -153,12 +161,14 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             default=not wg and (bs, ctas) == default,
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
             values={**values, "BS": bs, "ROWS": rows, "THREADS": threads, "CTAS_PER_SM": ctas,
-                    "WGMMA": "true" if wg else "false", "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
+                    "WGMMA": "true" if wg else "false", "PRODUCER": "true" if producer else "false",
+                    "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
-                    "n_tiles": out_dim // rows, "ctas_per_sm": ctas, "stages": stages,
+                    "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
+                    "producer_warps": int(producer), "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
     return out
