@@ -332,22 +332,30 @@ def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: i
     itself), t8m32/t8m64 (row tiles side by side in one CTA, sharing the token search and the
     copy of a), and the forms without a search (o1/o1m32/o1m64 at T = 1; p64 and p128 with their
     row-tile forms up to 64 and 128 pairs) give the chosen variants' a, y and output bit for bit;
-    and the row tiles' counters are back at zero."""
+    and the row tiles' counters are back at zero. The integer-dot variant (o1i) has arithmetic of
+    its own: the mma variants are compared with the default in its place, and it with the reference
+    (test_grouped_kernels_match_reference)."""
     grouped_or_skip(case)
     P = T * case.spec.top_k
     layer = case.layer
+
+    def integer_dot(family: str, variant: str) -> bool:
+        return bool(layer.variants[family][variant][0].launch.get("integer_dot"))
+
+    chosen = {f: (layer._default_variants[f] if integer_dot(f, v) else v)
+              for f, v in layer.choose(T, "grouped").variants.items()}
     for routing, x, logits in routed_inputs(case, T, rng):
-        want = case.run(x, logits, "grouped").copy()
+        want = case.run(x, logits, "grouped", chosen).copy()
         want_a, want_y = layer.a_sorted[:P].copy(), layer.y_grouped[:P].copy()
-        chosen = layer.choose(T, "grouped").variants
         for family, variants in layer.variants.items():
             if family not in chosen:
                 continue
             for variant in variants:
-                if variant == chosen[family] or layer.variant_refusal(family, variant, T) is not None:
+                if (variant == chosen[family] or integer_dot(family, variant)
+                        or layer.variant_refusal(family, variant, T) is not None):
                     continue
                 where = f"{family}={variant} {routing}"
-                got = case.run(x, logits, "grouped", {family: variant})
+                got = case.run(x, logits, "grouped", {**chosen, family: variant})
                 cp.testing.assert_array_equal(got, want, err_msg=where)
                 cp.testing.assert_array_equal(layer.a_sorted[:P], want_a, err_msg=where)
                 cp.testing.assert_array_equal(layer.y_grouped[:P], want_y, err_msg=where)

@@ -43,7 +43,10 @@ def test_grouped_geometry_splits_rows_evenly_and_fits_every_target_arch(spec) ->
         assert out_dim % k.launch["rows_per_cta"] == 0 and k.launch["threads"] == 32 * warps * row_tiles
         assert k.launch["threads"] <= 1024
         matrices = 2 if k.family == "grouped_gate_up_silu" else 1
-        smem = grouped.smem_bytes(warps, k.values["TOKENS"], matrices, row_tiles)
+        if k.variant == grouped.INT_DOT_VARIANT:
+            smem = grouped.int_dot_smem_bytes(warps, matrices)
+        else:
+            smem = grouped.smem_bytes(warps, k.values["TOKENS"], matrices, row_tiles)
         assert k.values["SMEM_BYTES"] == smem
         for arch in spec.target_archs:
             assert k.launch["smem_bytes"][arch.value] == smem <= SMEM_LIMIT[arch]
@@ -167,3 +170,23 @@ def test_the_tuner_times_the_routing_variant_only_where_it_serves() -> None:
     assert len(routing_candidates(layer, grouped.ROUTED_TOKENS)) == len(down_variants)  # with each that serves
     assert not routing_candidates(layer, 2 * grouped.ROUTED_TOKENS)
     assert not routing_candidates(_fake_layer(spec, {"FERRUM_MOE_HOST_ROUTE": "1"}), 1)
+
+
+def test_the_integer_dot_variants_serve_one_token_in_both_families(spec) -> None:
+    """o1i (integer dot products) is a one-token variant of gate+up and of down, on one row tile,
+    marked as arithmetic of its own (the bit-identity test compares the mma variants only)."""
+    if not grouped.supported(spec):
+        return
+    by_family = {}
+    for k in enumerate_kernels(spec):
+        if k.family.startswith("grouped"):
+            by_family.setdefault(k.family, {})[k.variant] = k
+    for family, kernels in by_family.items():
+        k = kernels[grouped.INT_DOT_VARIANT]
+        assert k.values["INT_DOT"] == "true" and k.values["SLOT_MODE"] == "ONE"
+        assert k.launch["max_tokens"] == 1 and k.launch["integer_dot"] is True
+        assert k.launch["rows_per_cta"] == grouped.ROWS_PER_CTA
+        assert all(v.values["INT_DOT"] == "false" and "integer_dot" not in v.launch
+                   for name, v in kernels.items() if name != grouped.INT_DOT_VARIANT)
+    gate_up = by_family["grouped_gate_up_silu"][grouped.INT_DOT_VARIANT]
+    assert gate_up.values["LAUNCH_BOUNDS"] == f"THREADS, {grouped.INT_DOT_MIN_CTAS}"

@@ -41,6 +41,17 @@ token search and the copy of a): t8m32 and t8m64. Down's CTAs are small (a row o
 blocks), so their fixed costs weigh; gate+up's are not (its CTAs already hold 256 threads at
 80 registers)."""
 
+INT_DOT_VARIANT = f"{ONE_TOKEN_PREFIX}i"
+"""The one-token kernels by integer dot products (o1i, both families): x (or a) quantised to int16
+a 32-value sub-block, two products a dp2a, each scale group's scale (Q4_K's min, Q6_K's zero point)
+applied to its integer sum (grouped.cuh, row_dot_int). Not the bits of the mma variants: their
+error is measured against the reference instead (the weights are exact, x is rounded to 2^-16 of a
+sub-block's largest value)."""
+
+INT_DOT_MIN_CTAS = 3
+"""o1i gate+up's __launch_bounds__ asks for 3 CTAs an SM (at most 85 registers), the occupancy the
+mma variants get from ptxas unasked (80); left to itself ptxas takes 93, two CTAs an SM."""
+
 GROUPED_STRUCT = {QuantType.Q4_K: "GroupedQ4K", QuantType.Q6_K: "GroupedQ6K"}
 MMA_BYTES = 2
 
@@ -54,6 +65,12 @@ def warps_for(in_dim: int) -> int:
 def smem_bytes(warps: int, tokens: int, matrices: int, row_tiles: int = 1) -> int:
     """Activations of one pass in lane order, plus the warps' partial sums (per row tile)."""
     return tokens * (warps * QK_K + 16) * MMA_BYTES + row_tiles * warps * matrices * ROWS_PER_CTA * tokens * 4
+
+
+def int_dot_smem_bytes(warps: int, matrices: int) -> int:
+    """o1i: each warp's int16 copy of its block of x or a, with the block's 8 sub-block scales,
+    8 float sums and 16 int sums (fg::XInt16), and its partial sums of 16 rows a matrix."""
+    return warps * (QK_K * 2 + 8 * 4 + 8 * 4 + 16 * 4 + matrices * ROWS_PER_CTA * 4)
 
 
 def supported(spec: MoeSpec) -> bool:
@@ -84,11 +101,13 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
     variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, "SEARCH", 0) for rt, tag in row_tiles_forms
                  if rt > 1]
     variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "ONE", 0) for rt, tag in row_tiles_forms]
+    variants.append((INT_DOT_VARIANT, DEFAULT_TOKENS, False, 1, "ONE", 0))
     variants += [(f"p{few}{tag}", DEFAULT_TOKENS, False, rt, "FEW", few) for few in FEW_PAIRS
                  for rt, tag in row_tiles_forms if few_pairs_tokens(spec, few) >= 1]
     out = []
     for variant, tokens, routing, row_tiles, slots, few in variants:
-        smem = smem_bytes(warps, tokens, matrices, row_tiles)
+        int_dot = variant == INT_DOT_VARIANT
+        smem = int_dot_smem_bytes(warps, matrices) if int_dot else smem_bytes(warps, tokens, matrices, row_tiles)
         launch = {"threads": warps * row_tiles * 32, "grid": "(rows / rows_per_cta, min(num_pairs, E))",
                   "rows_per_cta": ROWS_PER_CTA * row_tiles, "tokens_per_pass": tokens,
                   "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
@@ -96,6 +115,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
         if slots == "ONE":
             launch.update(max_tokens=1)
+        if int_dot:
+            launch.update(integer_dot=True)
         elif slots == "FEW":
             launch.update(max_tokens=few_pairs_tokens(spec, few), slot_per_pair=True,
                           grid="(rows / rows_per_cta, num_pairs)")
@@ -118,7 +139,10 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "SMEM_BYTES": smem,
                 "SLOT_MODE": slots,
                 "FEW_PAIRS": few,
+                "INT_DOT": "true" if int_dot else "false",
+                "LAUNCH_BOUNDS": f"THREADS, {INT_DOT_MIN_CTAS}" if int_dot and gate_up else "THREADS",
                 **({"ROUTES": "true" if routing else "false",
+
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
             },
