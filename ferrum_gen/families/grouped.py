@@ -113,10 +113,10 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                   "smem_bytes": {arch.value: smem for arch in spec.target_archs}}
         if routing:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
-        if slots == "ONE":
-            launch.update(max_tokens=1)
         if int_dot:
             launch.update(integer_dot=True)
+        if slots == "ONE":
+            launch.update(max_tokens=1)
         elif slots == "FEW":
             launch.update(max_tokens=few_pairs_tokens(spec, few), slot_per_pair=True,
                           grid="(rows / rows_per_cta, num_pairs)")
@@ -142,7 +142,6 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "INT_DOT": "true" if int_dot else "false",
                 "LAUNCH_BOUNDS": f"THREADS, {INT_DOT_MIN_CTAS}" if int_dot and gate_up else "THREADS",
                 **({"ROUTES": "true" if routing else "false",
-
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
             },
