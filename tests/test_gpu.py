@@ -362,6 +362,23 @@ def test_every_grouped_variant_gives_the_bits_of_the_chosen_one(case: Case, T: i
                 assert not bool(layer.tile_counters.any()), f"{where}: a row tile's counter was not reset"
 
 
+@pytest.mark.parametrize("T", (2, 9, 16))
+def test_the_integer_dot_variant_gives_each_token_the_bits_it_gets_alone(case: Case, T: int, rng) -> None:
+    """o1i takes a CTA a pair, so a token's output does not depend on the call's other tokens: the
+    same bits as that token alone, under normal routing and with every token on the same experts
+    (where the pairs of one expert each read its rows, and each row tile's combine waits for all)."""
+    grouped_or_skip(case)
+    from ferrum_gen.families.grouped import INT_DOT_VARIANT
+
+    variants = {"grouped_gate_up_silu": INT_DOT_VARIANT, "grouped_down_combine": INT_DOT_VARIANT}
+    for routing, x, logits in routed_inputs(case, T, rng):
+        together = case.run(x, logits, "grouped", variants).copy()
+        for t in range(T):
+            alone = case.run(x[t:t + 1], logits[t:t + 1], "grouped", variants)
+            cp.testing.assert_array_equal(alone[0], together[t], err_msg=f"token {t} of {T}, {routing}")
+        assert not bool(case.layer.tile_counters.any()), "a row tile's counter was not reset"
+
+
 @pytest.mark.parametrize("T", STREAM_TOKEN_COUNTS)
 def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
     """Every stream variant (block size) against the reference: a and y in sorted order and the

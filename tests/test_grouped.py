@@ -103,7 +103,7 @@ def test_the_routing_variant_is_a_bounded_gate_up_variant_with_the_same_argument
     assert r8.args == t8.args and "routes" not in t8.launch  # the runtime launches both alike
 
 
-@pytest.mark.parametrize("prefix, mode, few", [(grouped.ONE_TOKEN_PREFIX, "ONE", 0),
+@pytest.mark.parametrize("prefix, mode, few", [(grouped.ONE_TOKEN_PREFIX, "PAIR", 0),
                                                *((f"p{few}", "FEW", few) for few in grouped.FEW_PAIRS)])
 def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(spec, prefix: str, mode: str,
                                                                                few: int) -> None:
@@ -112,7 +112,7 @@ def test_the_search_free_variants_are_t8_and_its_row_tile_forms_for_few_tokens(s
     kernels = {(k.family, k.variant): k for k in enumerate_kernels(spec) if k.family.startswith("grouped")}
     forms = {fv: k for fv, k in kernels.items() if fv[1] == prefix or fv[1].startswith(prefix + "m")}
     assert bool(forms) == grouped.supported(spec)
-    max_tokens = 1 if mode == "ONE" else grouped.few_pairs_tokens(spec, few)
+    max_tokens = 1 if mode == "PAIR" else grouped.few_pairs_tokens(spec, few)
     assert max_tokens * spec.top_k <= max(few, spec.top_k)
     for (family, variant), k in forms.items():
         twin = kernels[(family, variant.replace(prefix, f"t{grouped.DEFAULT_TOKENS}", 1))]
@@ -135,6 +135,8 @@ def test_the_tuner_times_the_search_free_variants_only_where_they_serve() -> Non
         return [c for c in candidates(layer, bucket) if ("grouped_gate_up_silu", variant) in c.variants]
 
     assert with_variant(1, grouped.ONE_TOKEN_PREFIX) and not with_variant(2, grouped.ONE_TOKEN_PREFIX)
+    most = grouped.few_pairs_tokens(spec, grouped.INT_DOT_MAX_PAIRS)
+    assert with_variant(most, grouped.INT_DOT_VARIANT) and not with_variant(most + 1, grouped.INT_DOT_VARIANT)
     for few in grouped.FEW_PAIRS:
         most = grouped.few_pairs_tokens(spec, few)
         assert with_variant(most, f"p{few}") and not with_variant(most + 1, f"p{few}")
@@ -172,19 +174,22 @@ def test_the_tuner_times_the_routing_variant_only_where_it_serves() -> None:
     assert not routing_candidates(_fake_layer(spec, {"FERRUM_MOE_HOST_ROUTE": "1"}), 1)
 
 
-def test_the_integer_dot_variants_serve_one_token_in_both_families(spec) -> None:
-    """o1i (integer dot products) is a one-token variant of gate+up and of down, on one row tile,
-    marked as arithmetic of its own (the bit-identity test compares the mma variants only)."""
+def test_the_integer_dot_variants_take_a_cta_a_pair_up_to_their_most_pairs(spec) -> None:
+    """o1i (integer dot products) is a variant of gate+up and of down on one row tile, launched with
+    a slot per pair (a CTA a pair, slot mode PAIR) for up to INT_DOT_MAX_PAIRS pairs, and marked as
+    arithmetic of its own (the bit-identity test compares the mma variants only)."""
     if not grouped.supported(spec):
         return
     by_family = {}
     for k in enumerate_kernels(spec):
         if k.family.startswith("grouped"):
             by_family.setdefault(k.family, {})[k.variant] = k
+    most = grouped.INT_DOT_MAX_PAIRS // spec.top_k
     for family, kernels in by_family.items():
         k = kernels[grouped.INT_DOT_VARIANT]
-        assert k.values["INT_DOT"] == "true" and k.values["SLOT_MODE"] == "ONE"
-        assert k.launch["max_tokens"] == 1 and k.launch["integer_dot"] is True
+        assert k.values["INT_DOT"] == "true" and k.values["SLOT_MODE"] == "PAIR"
+        assert k.launch["max_tokens"] == most >= 1 and k.launch["integer_dot"] is True
+        assert k.launch["slot_per_pair"] is True and k.launch["grid"] == "(rows / rows_per_cta, num_pairs)"
         assert k.launch["rows_per_cta"] == grouped.ROWS_PER_CTA
         assert all(v.values["INT_DOT"] == "false" and "integer_dot" not in v.launch
                    for name, v in kernels.items() if name != grouped.INT_DOT_VARIANT)

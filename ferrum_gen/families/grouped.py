@@ -42,11 +42,18 @@ blocks), so their fixed costs weigh; gate+up's are not (its CTAs already hold 25
 80 registers)."""
 
 INT_DOT_VARIANT = f"{ONE_TOKEN_PREFIX}i"
-"""The one-token kernels by integer dot products (o1i, both families): x (or a) quantised to int16
-a 32-value sub-block, two products a dp2a, each scale group's scale (Q4_K's min, Q6_K's zero point)
-applied to its integer sum (grouped.cuh, row_dot_int). Not the bits of the mma variants: their
-error is measured against the reference instead (the weights are exact, x is rounded to 2^-16 of a
-sub-block's largest value)."""
+"""The kernels by integer dot products (o1i, both families): x (or a) quantised to int16 a 32-value
+sub-block, two products a dp2a, each scale group's scale (Q4_K's min, Q6_K's zero point) applied to
+its integer sum (grouped.cuh, row_dot_int). A CTA a pair (slot mode PAIR, a slot per pair): their
+cost is per pair, where the mma's does not grow up to 8 tokens an expert, so they serve calls of up
+to INT_DOT_MAX_PAIRS pairs and the tuner weighs them against the grouping variants. Not the bits of
+the mma variants: their error is measured against the reference instead (the weights are exact, x
+is rounded to 2^-16 of a sub-block's largest value); each pair's bits do not depend on the call's
+other tokens."""
+
+INT_DOT_MAX_PAIRS = FEW_PAIRS[-1]
+"""The most pairs o1i serves (16 tokens of top-8): beyond, its cost per pair loses to the
+grouping variants even under uniform routing (docs/perf-notes.md, fifteenth session)."""
 
 INT_DOT_MIN_CTAS = 3
 """o1i gate+up's __launch_bounds__ asks for 3 CTAs an SM (at most 85 registers), the occupancy the
@@ -87,7 +94,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
     also the one that is the router (r8: t8's tiles, at most ROUTED_TOKENS tokens); for down also
     t8 with DOWN_ROW_TILES row tiles per CTA (where they divide the output rows); and the forms of
     t8 and of those row-tile forms without a CTA-wide search: one token (o1, o1m32, o1m64) and
-    few pairs (p64, p128, ... with the same suffixes)."""
+    few pairs (p64, p128, ... with the same suffixes); and o1i, a CTA a pair by integer dot
+    products."""
     if not supported(spec):
         return []
     dtype = spec.activation_dtype
@@ -100,8 +108,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                                                        if out_dim % (ROWS_PER_CTA * rt) == 0])
     variants += [(f"t{DEFAULT_TOKENS}{tag}", DEFAULT_TOKENS, False, rt, "SEARCH", 0) for rt, tag in row_tiles_forms
                  if rt > 1]
-    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "ONE", 0) for rt, tag in row_tiles_forms]
-    variants.append((INT_DOT_VARIANT, DEFAULT_TOKENS, False, 1, "ONE", 0))
+    variants += [(f"{ONE_TOKEN_PREFIX}{tag}", DEFAULT_TOKENS, False, rt, "PAIR", 0) for rt, tag in row_tiles_forms]
+    variants.append((INT_DOT_VARIANT, DEFAULT_TOKENS, False, 1, "PAIR", 0))
     variants += [(f"p{few}{tag}", DEFAULT_TOKENS, False, rt, "FEW", few) for few in FEW_PAIRS
                  for rt, tag in row_tiles_forms if few_pairs_tokens(spec, few) >= 1]
     out = []
@@ -114,8 +122,9 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
         if routing:
             launch.update(routes=True, max_tokens=ROUTED_TOKENS)
         if int_dot:
-            launch.update(integer_dot=True)
-        if slots == "ONE":
+            launch.update(integer_dot=True, max_tokens=few_pairs_tokens(spec, INT_DOT_MAX_PAIRS), slot_per_pair=True,
+                          grid="(rows / rows_per_cta, num_pairs)")
+        elif slots == "PAIR":
             launch.update(max_tokens=1)
         elif slots == "FEW":
             launch.update(max_tokens=few_pairs_tokens(spec, few), slot_per_pair=True,
