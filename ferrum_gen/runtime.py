@@ -22,8 +22,9 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   GEMM -> grouped down GEMM -> combine. Also free of host synchronisation.
 - stream (by default T > spec.decode_max_tokens, where the spec has its kernels): prefill's
   launches with the stream kernels: weights as the tensor-core A operand, dequantised in
-  registers once per aligned block, streamed through a deep cp.async ring; align uses the
-  variant's block size.
+  registers once per aligned block, streamed through a ring in shared memory (on sm_90 the
+  mma.sync variants' weights by tensor copies, through tensor maps the layer builds once); align
+  uses the variant's block size.
 - host routing (FERRUM_MOE_HOST_ROUTE=1): routing and the align plan computed in numpy
   and uploaded, for debugging; it synchronises, and the routing gate+up variant gives way to
   its family's default.
@@ -52,8 +53,8 @@ from . import reference, tuning
 from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import stream as stream_family
-from .launch import DependentLauncher, pdl_unavailable
-from .quant import QuantType, row_bytes, to_gpu_layout
+from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, weight_tensor_map
+from .quant import QuantType, layout, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
@@ -264,6 +265,7 @@ class MoeLayer:
             for kernels in self.variants.get(family, {}).values():
                 for kern in kernels:
                     self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
+        self._w_maps = self._weight_tensor_maps()
         self.tuning = self._find_tuning(tuning_table)
         self.pdl_off_reason = "FERRUM_MOE_PDL=0" if not self.settings.pdl else pdl_unavailable(bundle.arch)
         """None when the grouped path launches its kernels as programmatic dependents; else why not."""
@@ -632,16 +634,18 @@ class MoeLayer:
                 cp.copyto(x_in, xc)
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
+                maps = self._maps_args(kern, "gate_up")
                 self._launch(kern, (grid,), stream, smem, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
-                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)
+                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted, **maps)
 
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
+                maps = self._maps_args(kern, "down")
                 self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
-                             sorted_ids=self.sorted_ids, num_pairs=P)
+                             sorted_ids=self.sorted_ids, num_pairs=P, **maps)
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -718,6 +722,40 @@ class MoeLayer:
     def _align_chunks(self, tokens: int) -> int:
         """CTAs that align (and align_count, when above 1) run with for `tokens`."""
         return align_family.cta_count(tokens * self.spec.top_k)
+
+    def _weight_tensor_maps(self) -> dict[tuple[str, int], Any]:
+        """The stream kernels' weight tensor maps (families/stream.py WEIGHT_MAPS) in device memory,
+        by (gate_up or down, the kernel's rows): built where those kernels copy weights by tensor
+        copies (sm_90 and newer), else one placeholder the older archs' kernels never read."""
+        cp = _cupy()
+        rows = {kern.launch["tile_n"] for family in ("stream_gate_up_silu", "stream_down")
+                for kernels in self.variants.get(family, {}).values() for kern in kernels}
+        if int(self.bundle.arch.removeprefix("sm_")) < 90:
+            return {(role, n): self._placeholder for role in ("gate_up", "down") for n in rows}
+        spec = self.spec
+        out = {}
+        for role, projections, out_dim, in_dim in (("gate_up", (self.gate, self.up), spec.intermediate_size,
+                                                    spec.hidden_size),
+                                                   ("down", (self.down,), spec.hidden_size, spec.intermediate_size)):
+            block = layout(projections[0].quant).gpu_block_bytes
+            row = in_dim // layout(projections[0].quant).weights_per_block * block
+            for n in rows:
+                try:
+                    maps = b"".join(weight_tensor_map(p.data.data.ptr, spec.num_experts * out_dim, row, block, n)
+                                    for p in projections)
+                except ImportError as err:
+                    raise RuntimeError(f"the stream kernels copy weights by tensor maps on {self.bundle.arch}, which "
+                                       f"need cuda.bindings ({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])"
+                                       ) from err
+                out[role, n] = cp.asarray(np.frombuffer(maps, dtype=np.uint8))
+                assert out[role, n].nbytes == TENSOR_MAP_BYTES * len(projections)
+        return out
+
+    def _maps_args(self, kern: Kernel, role: str) -> dict[str, Any]:
+        """w_maps for a kernel that takes it (the stream kernels), else nothing."""
+        if "w_maps" not in dict(self._args[kern.uri]):
+            return {}
+        return {"w_maps": self._w_maps[role, kern.launch["tile_n"]]}
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they

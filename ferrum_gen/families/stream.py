@@ -39,7 +39,9 @@ DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
 tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger ones by 1-7 %."""
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
-scales, 2 KB at four stages), where a CTA has a whole half of the SM or more."""
+scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
+BLOCK_D_BYTES = 2
+"""stream.cuh's block_d: each row's Q6_K block scale a stage, f16 as stored."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
 WGMMA_BLOCK_SIZES = (128,)
@@ -84,7 +86,7 @@ def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int) -> int:
     (stream.cuh's block_d) at MAX_STAGES."""
     if ctas <= 2:
         return STATIC_SMEM
-    return MAX_STAGES * 4 * (matrices * rows if qt is QuantType.Q6_K else 1)
+    return MAX_STAGES * BLOCK_D_BYTES * (matrices * rows if qt is QuantType.Q6_K else 1)
 
 
 def stages_by_arch(spec: MoeSpec, stage: int, ctas: int, static: int = STATIC_SMEM) -> dict[str, int]:
@@ -174,13 +176,21 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     return out
 
 
+WEIGHT_MAPS = Arg("w_maps", "const void*")
+"""The stream kernels' weight tensor maps: one CUtensorMap (128 bytes) a matrix in global memory, a
+box of the kernel's rows (launch["tile_n"]) by one quantized block, gate's then up's (runtime.py,
+launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
+ignored on older archs."""
+
+
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    aligned_gate_up_args(dtype), {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
+                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS),
+                    {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
-    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, aligned_down_args(dtype),
+    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (*aligned_down_args(dtype), WEIGHT_MAPS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
