@@ -634,18 +634,17 @@ class MoeLayer:
                 cp.copyto(x_in, xc)
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
-                maps = self._maps_args(kern, "gate_up")
                 self._launch(kern, (grid,), stream, smem, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
-                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted, **maps)
+                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
+                             **self._maps_args(kern))
 
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
-                maps = self._maps_args(kern, "down")
                 self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
-                             sorted_ids=self.sorted_ids, num_pairs=P, **maps)
+                             sorted_ids=self.sorted_ids, num_pairs=P, **self._maps_args(kern))
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -723,39 +722,46 @@ class MoeLayer:
         """CTAs that align (and align_count, when above 1) run with for `tokens`."""
         return align_family.cta_count(tokens * self.spec.top_k)
 
-    def _weight_tensor_maps(self) -> dict[tuple[str, int], Any]:
+    def _weight_tensor_maps(self) -> dict[str, Any]:
         """The stream kernels' weight tensor maps (families/stream.py WEIGHT_MAPS) in device memory,
-        by (gate_up or down, the kernel's rows): built where those kernels copy weights by tensor
-        copies (sm_90 and newer), else one placeholder the older archs' kernels never read."""
-        cp = _cupy()
-        rows = {kern.launch["tile_n"] for family in ("stream_gate_up_silu", "stream_down")
-                for kernels in self.variants.get(family, {}).values() for kern in kernels}
-        if int(self.bundle.arch.removeprefix("sm_")) < 90:
-            return {(role, n): self._placeholder for role in ("gate_up", "down") for n in rows}
+        by kernel uri (kernels of one family and tile height share theirs): encoded where those
+        kernels copy weights by tensor copies (sm_90 and newer), else a placeholder the older archs'
+        kernels never read."""
         spec = self.spec
+        stacks = {"stream_gate_up_silu": ((self.gate, self.up), spec.intermediate_size, spec.hidden_size),
+                  "stream_down": ((self.down,), spec.hidden_size, spec.intermediate_size)}
+        tensor_copies = int(self.bundle.arch.removeprefix("sm_")) >= 90
+        shared: dict[tuple[str, int], Any] = {}
         out = {}
-        for role, projections, out_dim, in_dim in (("gate_up", (self.gate, self.up), spec.intermediate_size,
-                                                    spec.hidden_size),
-                                                   ("down", (self.down,), spec.hidden_size, spec.intermediate_size)):
-            block = layout(projections[0].quant).gpu_block_bytes
-            row = in_dim // layout(projections[0].quant).weights_per_block * block
-            for n in rows:
-                try:
-                    maps = b"".join(weight_tensor_map(p.data.data.ptr, spec.num_experts * out_dim, row, block, n)
-                                    for p in projections)
-                except ImportError as err:
-                    raise RuntimeError(f"the stream kernels copy weights by tensor maps on {self.bundle.arch}, which "
-                                       f"need cuda.bindings ({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])"
-                                       ) from err
-                out[role, n] = cp.asarray(np.frombuffer(maps, dtype=np.uint8))
-                assert out[role, n].nbytes == TENSOR_MAP_BYTES * len(projections)
+        for family, (projections, out_dim, in_dim) in stacks.items():
+            for kernels in self.variants.get(family, {}).values():
+                for kern in kernels:
+                    key = family, kern.launch["tile_n"]
+                    if key not in shared:
+                        shared[key] = (self._encode_weight_maps(projections, out_dim, in_dim, key[1])
+                                       if tensor_copies else self._placeholder)
+                    out[kern.uri] = shared[key]
         return out
 
-    def _maps_args(self, kern: Kernel, role: str) -> dict[str, Any]:
+    def _encode_weight_maps(self, projections: tuple[DeviceProjection, ...], out_dim: int, in_dim: int,
+                            box_rows: int) -> Any:
+        """One tensor map a projection (its expert stack: E * out_dim rows of in_dim weights), boxes of
+        box_rows rows by one block, side by side in a device array."""
+        lay = layout(projections[0].quant)
+        row = in_dim // lay.weights_per_block * lay.gpu_block_bytes
+        try:
+            maps = b"".join(weight_tensor_map(p.data.data.ptr, self.spec.num_experts * out_dim, row,
+                                              lay.gpu_block_bytes, box_rows) for p in projections)
+        except ImportError as err:
+            raise RuntimeError(f"the stream kernels copy weights by tensor maps on {self.bundle.arch}, which "
+                               f"need cuda.bindings ({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])") from err
+        assert len(maps) == TENSOR_MAP_BYTES * len(projections)
+        return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
+
+    def _maps_args(self, kern: Kernel) -> dict[str, Any]:
         """w_maps for a kernel that takes it (the stream kernels), else nothing."""
-        if "w_maps" not in dict(self._args[kern.uri]):
-            return {}
-        return {"w_maps": self._w_maps[role, kern.launch["tile_n"]]}
+        maps = self._w_maps.get(kern.uri)
+        return {} if maps is None else {"w_maps": maps}
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
