@@ -6,7 +6,8 @@ of it in the stream is still running, once every CTA of that kernel has executed
 `griddepcontrol.launch_dependents` (fg::launch_dependents in the templates); it must then call
 `griddepcontrol.wait` (fg::grid_wait) before it touches anything that kernel writes. The grouped
 path uses it so that the down kernel's expert search and weight loads overlap the end of gate+up,
-and gate+up's CTAs are resident when the router finishes. CuPy cannot set launch attributes;
+and gate+up's CTAs are resident when the router finishes; the stream path for align, gate+up, down
+(whose first weight copies overlap the end of gate+up) and combine (MoeLayer.uses_pdl). CuPy cannot set launch attributes;
 cuda.bindings (cuda-python's driver API) can.
 
 Needs sm_90 or newer (older archs run the same kernels with plain launches: the PTX is guarded)

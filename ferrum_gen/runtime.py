@@ -68,6 +68,10 @@ PHASES = {
 }
 """The phases of each path, in launch order; forward(stop_after=...) cuts after one of them."""
 
+PDL_PATHS = ("grouped", "stream")
+"""The paths whose kernels after the router wait for the kernel before them (fg::grid_wait), so that
+they may be launched as programmatic dependents (MoeLayer.uses_pdl)."""
+
 REPO_GENERATED = Path(__file__).resolve().parent.parent / "generated"
 """The repository's generated/ directory (a source checkout or editable install): its tuning tables."""
 
@@ -469,10 +473,14 @@ class MoeLayer:
         return "on" if self.pdl_off_reason is None else self.pdl_off_reason
 
     def uses_pdl(self, choice: tuning.Choice) -> bool:
-        """Whether this call's gate+up and down kernels are launched as programmatic dependents: on
-        the grouped path with the router kernel before them (its ids are what down reads before it
-        waits for gate+up), where PDL is usable (pdl_off_reason)."""
-        return (self._dependent is not None and choice.path == "grouped" and not self.settings.host_route
+        """Whether this call's kernels after the router are launched as programmatic dependents, where
+        PDL is usable (pdl_off_reason), with the router kernel first (its ids are what the grouped
+        down reads before it waits for gate+up; the stream path's align reads them):
+        - grouped path: gate+up and down;
+        - stream path: align (and align_count), gate+up, down and combine; down copies its first
+          weights before it waits (stream.cuh's EARLY_WEIGHTS).
+        Not the prefill path, whose GEMM kernels do not wait."""
+        return (self._dependent is not None and choice.path in PDL_PATHS and not self.settings.host_route
                 and not self.routes_in_gate_up(choice))
 
     def _phase(self, name: str, stream: Any, events: list | None) -> None:
@@ -616,14 +624,17 @@ class MoeLayer:
         if override:
             gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
             down = [kern for kern in down if kern.launch["block_size"] == override]
+        dependent = self.uses_pdl(choice)
 
         def align() -> None:
             if plan_ready:
                 return
             chunks = self._align_chunks(T)
             if chunks > 1:
-                self._launch(self.k_align_count, (chunks,), stream, ids=self.ids, num_pairs=P, counts=self.align_counts)
-            self._launch(self.k_align, (chunks,), stream, ids=self.ids, num_pairs=P, counts=self.align_counts,
+                self._launch(self.k_align_count, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
+                             counts=self.align_counts)
+            self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
+                         counts=self.align_counts,
                          block_size_override=override or 0, sorted_ids=self.sorted_ids,
                          block_expert=self.block_expert, plan=self.plan, pairs_by_token=self.pairs_by_token)
 
@@ -634,7 +645,7 @@ class MoeLayer:
                 cp.copyto(x_in, xc)
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
-                self._launch(kern, (grid,), stream, smem, x=x_in, sorted_ids=self.sorted_ids,
+                self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
                              w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
                              **self._maps_args(kern))
@@ -642,7 +653,7 @@ class MoeLayer:
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
-                self._launch(kern, (grid,), stream, smem, a=self.a_sorted, block_expert=self.block_expert,
+                self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
                              sorted_ids=self.sorted_ids, num_pairs=P, **self._maps_args(kern))
 
@@ -650,7 +661,7 @@ class MoeLayer:
             ("align", align),
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
-            ("combine", lambda: self._launch(self.k_combine, (T,), stream, y=self.y_sorted,
+            ("combine", lambda: self._launch(self.k_combine, (T,), stream, dependent=dependent, y=self.y_sorted,
                                              pairs_by_token=self.pairs_by_token, weights=self.weights, out=out_c)),
         ])
 

@@ -6,7 +6,7 @@
 | FERRUM_MOE_BLOCK_SIZE | prefill block size override; must be one of the spec's prefill.block_sizes | unset: the padding rule picks |
 | FERRUM_MOE_HOST_ROUTE | 1: route in numpy on the host and upload the plan (debugging; synchronises) | 0 |
 | FERRUM_MOE_PROFILE | 1: time each phase with CUDA events and keep a table (synchronises) | 0 |
-| FERRUM_MOE_PDL | 1: launch the grouped path's gate+up and down kernels as programmatic dependents of the kernel before them (sm_90+, needs cuda-bindings; see ferrum_gen/launch.py); 0: plain launches | 1 |
+| FERRUM_MOE_PDL | 1: launch the grouped path's gate+up and down kernels, and the stream path's align, gate+up, down and combine, as programmatic dependents of the kernel before them (sm_90+, needs cuda-bindings; see ferrum_gen/launch.py); 0: plain launches | 1 |
 
 A malformed value raises SettingsError naming the variable; nothing falls back silently.
 Numbers are ASCII digits only (no sign, spaces, '_' or other scripts' digits), flags exactly 0 or 1.

@@ -467,17 +467,21 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
             cp.testing.assert_array_equal(got, want, err_msg=str(where))
             cp.testing.assert_array_equal(case.layer.a_sorted[:P], plain.a_sorted[:P], err_msg=str(where))
             cp.testing.assert_array_equal(case.layer.y_grouped[:P], plain.y_grouped[:P], err_msg=str(where))
-    # a captured graph keeps the programmatic edges: replays on new inputs match plain launches
-    T = 9
+    assert_graph_replays_match(case, plain, 9, "grouped", rng)
+
+
+def assert_graph_replays_match(case: Case, plain, T: int, path: str, rng) -> None:
+    """A captured graph of case.layer's call keeps the programmatic edges: its replays on new inputs
+    give the bits of `plain`'s eager calls."""
     x, logits = case.inputs(T, rng)
     out = cp.empty((T, case.spec.hidden_size), dtype=x.dtype)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        case.layer.forward(x, logits, out=out, path="grouped")
+        case.layer.forward(x, logits, out=out, path=path)
         stream.begin_capture()
-        case.layer.forward(x, logits, out=out, path="grouped")
+        case.layer.forward(x, logits, out=out, path=path)
         graph = stream.end_capture()
-    assert case.layer.uses_pdl(case.layer.choose(T, "grouped"))
+    assert case.layer.uses_pdl(case.layer.choose(T, path))
     for _ in range(3):
         x2, logits2 = case.inputs(T, rng)
         x[...] = x2
@@ -486,7 +490,39 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
         cp.cuda.get_current_stream().synchronize()  # the writes above are on another stream
         graph.launch(stream)
         stream.synchronize()
-        cp.testing.assert_array_equal(out, plain.forward(x, logits, path="grouped"))
+        cp.testing.assert_array_equal(out, plain.forward(x, logits, path=path), err_msg=f"{path}, T = {T}")
+
+
+def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launches(case: Case, rng) -> None:
+    """On sm_90+ with cuda-bindings the stream path launches align, gate+up, down and combine as
+    programmatic dependents (down's first weights are copied while gate+up ends): the output is bit
+    for bit that of plain launches (FERRUM_MOE_PDL=0) for every variant, one align CTA or several,
+    in eager calls and in replayed CUDA graphs. (a and y in sorted order are not compared: align's
+    order within an expert follows atomics.)"""
+    from ferrum_gen.families.align import PAIRS_PER_CTA
+    from ferrum_gen.launch import pdl_unavailable
+    from ferrum_gen.runtime import MoeLayer
+
+    path_or_skip(case, "stream")
+    reason = pdl_unavailable(case.bundle.arch)
+    if reason is not None:
+        pytest.skip(f"no programmatic dependent launch here: {reason}")
+    several_ctas = PAIRS_PER_CTA // case.spec.top_k + 1  # more pairs than one align CTA places: align_count first
+    counts = (7, 33, several_ctas)
+    plain = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], several_ctas,
+                     settings=Settings.from_env({"FERRUM_MOE_PDL": "0"}))
+    for T in counts:
+        for variants in variant_sets(case.layer, "stream", T):
+            x, logits = case.inputs(T, rng)
+            choice = case.layer.choose(T, "stream", variants)
+            assert case.layer.uses_pdl(choice)
+            assert not plain.uses_pdl(choice)
+            got = case.run(x, logits, "stream", variants)
+            want = plain.forward(x, logits, path="stream", variants=variants)
+            cp.cuda.get_current_stream().synchronize()
+            cp.testing.assert_array_equal(got, want, err_msg=str((T, variants)))
+    for T in (9, several_ctas):
+        assert_graph_replays_match(case, plain, T, "stream", rng)
 
 
 def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_states_it(case: Case) -> None:
