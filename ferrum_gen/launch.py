@@ -7,8 +7,8 @@ of it in the stream is still running, once every CTA of that kernel has executed
 `griddepcontrol.wait` (fg::grid_wait) before it touches anything that kernel writes. The grouped
 path uses it so that the down kernel's expert search and weight loads overlap the end of gate+up,
 and gate+up's CTAs are resident when the router finishes; the stream path for align, gate+up, down
-(whose first weight copies overlap the end of gate+up) and combine (MoeLayer.uses_pdl). CuPy cannot set launch attributes;
-cuda.bindings (cuda-python's driver API) can.
+(whose first weight copies overlap the end of gate+up) and combine (MoeLayer.uses_pdl). CuPy cannot
+set launch attributes; cuda.bindings (cuda-python's driver API) can.
 
 Needs sm_90 or newer (older archs run the same kernels with plain launches: the PTX is guarded)
 and the cuda-bindings package (in the cuda12/cuda13 extras). FERRUM_MOE_PDL=0 turns it off.
