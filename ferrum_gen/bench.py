@@ -225,7 +225,7 @@ class BenchResult(BaseModel):
     choice: str = ""
     """Where the runtime's kernel choices came from: the card's tuning table or the default rule."""
     dependent_launch: str = ""
-    """"on" when the grouped path launched its kernels as programmatic dependents, else why not
+    """"on" when the grouped and stream paths launched their kernels as programmatic dependents, else why not
     (MoeLayer.pdl_off_reason); empty in results written before it was recorded."""
     rotations: int
     seed: int
@@ -524,7 +524,7 @@ def full_report(result: BenchResult) -> str:
         head.append(f"clocks: SM {clocks.sm_mhz} MHz (max {clocks.sm_max_mhz}), memory {clocks.memory_mhz} MHz "
                     f"(max {clocks.memory_max_mhz})")
     if result.dependent_launch:
-        head.append(f"programmatic dependent launch (grouped path): {result.dependent_launch}")
+        head.append(f"programmatic dependent launch (grouped and stream paths): {result.dependent_launch}")
     parts = ["\n".join(head), routing_table(result), torch_table(result)]
     if any(c.split is not None for c in result.cases):
         parts.append(split_table(result))

@@ -310,7 +310,7 @@ def test_report_says_whether_the_grouped_path_ran_with_dependent_launches(tmp_pa
     plain = make_result(BASE)
     assert "dependent launch" not in bench.full_report(plain)  # an older result: not recorded
     off = plain.model_copy(update={"dependent_launch": "FERRUM_MOE_PDL=0"})
-    assert "programmatic dependent launch (grouped path): FERRUM_MOE_PDL=0" in bench.full_report(off)
+    assert "programmatic dependent launch (grouped and stream paths): FERRUM_MOE_PDL=0" in bench.full_report(off)
     bench.save_result(off, tmp_path / "r.json")
     assert bench.load_result(tmp_path / "r.json").dependent_launch == "FERRUM_MOE_PDL=0"
 
