@@ -272,7 +272,7 @@ class MoeLayer:
         self._w_maps = self._weight_tensor_maps()
         self.tuning = self._find_tuning(tuning_table)
         self.pdl_off_reason = "FERRUM_MOE_PDL=0" if not self.settings.pdl else pdl_unavailable(bundle.arch)
-        """None when the grouped path launches its kernels as programmatic dependents; else why not."""
+        """None when the grouped and stream paths launch their kernels as programmatic dependents; else why not."""
         self._dependent = DependentLauncher() if self.pdl_off_reason is None else None
 
         self._scratch = scratch_shapes(spec, max_tokens, decode_token_cap(spec, self.tuning, max_tokens),
@@ -736,12 +736,12 @@ class MoeLayer:
     def _weight_tensor_maps(self) -> dict[str, Any]:
         """The stream kernels' weight tensor maps (families/stream.py WEIGHT_MAPS) in device memory,
         by kernel uri (kernels of one family and tile height share theirs): encoded where those
-        kernels copy weights by tensor copies (sm_90 and newer), else a placeholder the older archs'
-        kernels never read."""
+        kernels copy weights by tensor copies (stream.py's WGMMA_ARCHS, built as sm_90a), else a
+        placeholder the older archs' kernels never read."""
         spec = self.spec
         stacks = {"stream_gate_up_silu": ((self.gate, self.up), spec.intermediate_size, spec.hidden_size),
                   "stream_down": ((self.down,), spec.hidden_size, spec.intermediate_size)}
-        tensor_copies = int(self.bundle.arch.removeprefix("sm_")) >= 90
+        tensor_copies = self.bundle.arch in {a.value for a in stream_family.WGMMA_ARCHS}
         shared: dict[tuple[str, int], Any] = {}
         out = {}
         for family, (projections, out_dim, in_dim) in stacks.items():
