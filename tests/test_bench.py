@@ -260,6 +260,23 @@ def test_skewed_routing_loads_one_expert_more_than_uniform(name: str) -> None:
         assert set(s.block_sizes) <= set(spec.prefill.block_sizes) and len(s.block_sizes) == 4
 
 
+def test_a_case_draws_its_inputs_from_its_own_seed_token_count_and_routing() -> None:
+    """A case's routing does not depend on the other token counts of the run (--compare of runs with
+    different --tokens compares the same inputs): one stream per (seed, T, routing)."""
+    spec = load_spec("qwen3moe")
+
+    def logits(seed, T, routing):
+        return bench.make_logits(spec, T, bench.case_rng(seed, T, routing), routing, skew_seed=seed)
+
+    first = logits(0, 8, "skewed")
+    for T in (5, 12):  # other cases drawn in between
+        logits(0, T, "skewed")
+    np.testing.assert_array_equal(logits(0, 8, "skewed"), first)
+    for other in ((1, 8, "skewed"), (0, 8, "uniform")):
+        assert not np.array_equal(logits(*other), first)
+    assert not np.array_equal(logits(0, 9, "skewed")[:8], first)
+
+
 def test_routing_stats_match_a_hand_made_routing() -> None:
     spec = load_spec("tiny")
     E, k = spec.num_experts, spec.top_k
