@@ -62,6 +62,9 @@ LAYER_TOLERANCE = {ActivationDtype.F32: 2e-3, ActivationDtype.F16: 2e-3, Activat
 SPLIT_TOLERANCE = 0.10
 """The per-phase parts must add up to within this fraction of the separately timed whole."""
 COMPARE_THRESHOLD = 0.05
+SAME_INPUTS_TOLERANCE = 0.005
+"""compare: a case whose distinct expert bytes differ by more than this between two results had other
+inputs (its routing picked other experts), and the comparison says so."""
 WARMUP_REPLAYS = 3
 MIN_REPLAYS = 10
 MAX_REPLAYS = 50
@@ -440,7 +443,9 @@ class Comparison:
 
 
 def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRESHOLD) -> Comparison:
-    """Median against median for every (T, path, routing) in both results."""
+    """Median against median for every (T, path, routing) in both results, with a note for each case
+    whose inputs routed to other experts (results saved before inputs were drawn per case, or with
+    another seed): there the medians alone do not compare like with like."""
     if threshold < 0:
         raise BenchError(f"--threshold {threshold}: give a fraction >= 0, e.g. 0.05 for 5 %")
     old_cases, new_cases = old.case_map(), new.case_map()
@@ -451,6 +456,12 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
     if old.spec_hash != new.spec_hash:
         notes.append(f"different specs: {old.spec_name} {old.spec_hash[:12]} (old) vs "
                      f"{new.spec_name} {new.spec_hash[:12]} (new)")
+    for k in sorted(k for k in old_cases if k in new_cases):
+        o, n = old_cases[k], new_cases[k]
+        if abs(n.distinct_expert_bytes / o.distinct_expert_bytes - 1.0) > SAME_INPUTS_TOLERANCE:
+            T, path, routing = k
+            notes.append(f"T={T} {path} {routing}: other inputs (memory floor {o.memory_floor_us:.1f} -> "
+                         f"{n.memory_floor_us:.1f} us), so compare x floor too: {o.x_floor:.2f} -> {n.x_floor:.2f}")
     return Comparison(threshold=threshold, changes=changes,
                       only_old=sorted(k for k in old_cases if k not in new_cases),
                       only_new=sorted(k for k in new_cases if k not in old_cases), notes=notes)

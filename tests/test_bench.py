@@ -77,6 +77,23 @@ def test_equal_results_pass_and_faster_cases_do_not_fail() -> None:
     assert not cmp.regressed and "faster" in cmp.table()
 
 
+def test_a_case_with_other_inputs_is_named_with_both_floors() -> None:
+    """Cases whose routings picked other experts (other distinct bytes) do not compare like with like:
+    the comparison names them with both memory floors and both x floor figures."""
+    old, new = make_result(BASE), make_result(BASE)
+    key = (8, "prefill", "skewed")
+    case = new.case_map()[key]
+    more = case.distinct_expert_bytes * 1.15
+    fig = bench.figures(case.median_us, more, case.flops, CARD)
+    new.cases[new.cases.index(case)] = case.model_copy(
+        update={"distinct_expert_bytes": more, "memory_floor_us": fig.memory_floor_us, "x_floor": fig.x_floor})
+    notes = bench.compare(old, new).notes
+    assert len(notes) == 1 and notes[0].startswith("T=8 prefill skewed: other inputs")
+    assert f"{case.memory_floor_us:.1f} -> {fig.memory_floor_us:.1f} us" in notes[0]
+    assert f"{case.x_floor:.2f} -> {fig.x_floor:.2f}" in notes[0]
+    assert not bench.compare(old, make_result(BASE)).notes
+
+
 def test_the_threshold_decides_what_counts_as_slower() -> None:
     new = {k: 1.03 * v for k, v in BASE.items()}
     assert not bench.compare(make_result(BASE), make_result(new), threshold=0.05).regressed
