@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-rule", action="store_true",
                    help="ignore the card's tuning table and time the default rule's kernel choices")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the weights, the inputs (each T and routing a stream of its own) and the skewed popularity")
+                   help="seed of the weights, the inputs (each T and routing a stream of its own) and the skewed "
+                        "popularity")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key for an experiment, e.g. prefill.gate_up_tile_n=64 (repeatable)")
     p.set_defaults(func=_cmd_bench)
