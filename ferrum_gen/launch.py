@@ -80,9 +80,14 @@ class DependentLauncher:
         params, _keep = kernel_params(values)
         (err,) = d.cuLaunchKernelEx(config, d.CUfunction(function_ptr), ctypes.addressof(params), 0)
         if err != d.CUresult.CUDA_SUCCESS:
-            _, name = d.cuGetErrorName(err)
-            raise RuntimeError(f"cuLaunchKernelEx failed: {name.decode() if isinstance(name, bytes) else name} "
+            raise RuntimeError(f"cuLaunchKernelEx failed: {_error_name(d, err)} "
                                f"(grid {tuple(grid)}, {threads} threads, {smem} bytes of shared memory)")
+
+
+def _error_name(d: Any, err: Any) -> str:
+    """The driver's name of a CUresult (cuda.bindings.driver as d), e.g. CUDA_ERROR_INVALID_VALUE."""
+    _, name = d.cuGetErrorName(err)
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 TENSOR_MAP_BYTES = 128
@@ -104,8 +109,7 @@ def weight_tensor_map(address: int, rows: int, row_bytes: int, block_bytes: int,
         d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != d.CUresult.CUDA_SUCCESS:
-        _, name = d.cuGetErrorName(err)
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {name.decode() if isinstance(name, bytes) else name} "
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
                            f"({rows} rows of {row_bytes} bytes, box {box_rows} x {block_bytes})")
     out = b"".join(int(v).to_bytes(8, "little") for v in tensor_map.opaque)
     assert len(out) == TENSOR_MAP_BYTES
