@@ -167,7 +167,8 @@ def _check_gpu() -> tuple[list[Finding], str | None]:
         if arch in SUPPORTED_ARCHS:
             # a speed feature, not a requirement: reported, never a failed check
             reason = pdl_unavailable(arch)
-            out.append(Finding(f"{label} dependent launch", "on (the grouped and stream paths' kernels overlap)" if reason is None
+            out.append(Finding(f"{label} dependent launch",
+                               "on (the grouped and stream paths' kernels overlap)" if reason is None
                                else f"off, plain launches: {reason}"))
     return out, first
 
