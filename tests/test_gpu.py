@@ -442,17 +442,9 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
     """On sm_90+ with cuda-bindings the grouped path launches gate+up and down as programmatic
     dependents (the down kernel starts while gate+up ends): the output, a and y are bit for bit
     those of plain launches (FERRUM_MOE_PDL=0), in eager calls and in a replayed CUDA graph."""
-    from ferrum_gen.launch import pdl_unavailable
-    from ferrum_gen.runtime import MoeLayer
-
     grouped_or_skip(case)
-    reason = pdl_unavailable(case.bundle.arch)
-    assert case.layer.pdl_off_reason == reason
-    if reason is not None:
-        pytest.skip(f"no programmatic dependent launch here: {reason}")
-    plain = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 64,
-                     settings=Settings.from_env({"FERRUM_MOE_PDL": "0"}))
-    assert plain.pdl_off_reason == "FERRUM_MOE_PDL=0"
+    plain = plain_launch_layer_or_skip(case, 64)
+    assert case.layer.pdl_off_reason is None and plain.pdl_off_reason == "FERRUM_MOE_PDL=0"
     for T in (1, 3, 9, 33, 64):
         for variants in variant_sets(case.layer, "grouped", T):
             x, logits = case.inputs(T, rng)
@@ -468,6 +460,20 @@ def test_dependent_launches_are_used_on_hopper_and_give_the_bits_of_plain_launch
             cp.testing.assert_array_equal(case.layer.a_sorted[:P], plain.a_sorted[:P], err_msg=str(where))
             cp.testing.assert_array_equal(case.layer.y_grouped[:P], plain.y_grouped[:P], err_msg=str(where))
     assert_graph_replays_match(case, plain, 9, "grouped", rng)
+
+
+def plain_launch_layer_or_skip(case: Case, max_tokens: int):
+    """case's layer again with plain launches (FERRUM_MOE_PDL=0), to compare with; skips where
+    programmatic dependent launch is not available (case.layer then launches plainly too)."""
+    from ferrum_gen.launch import pdl_unavailable
+    from ferrum_gen.runtime import MoeLayer
+
+    reason = pdl_unavailable(case.bundle.arch)
+    assert case.layer.pdl_off_reason == reason
+    if reason is not None:
+        pytest.skip(f"no programmatic dependent launch here: {reason}")
+    return MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], max_tokens,
+                    settings=Settings.from_env({"FERRUM_MOE_PDL": "0"}))
 
 
 def assert_graph_replays_match(case: Case, plain, T: int, path: str, rng) -> None:
@@ -500,17 +506,11 @@ def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launche
     in eager calls and in replayed CUDA graphs. (a and y in sorted order are not compared: align's
     order within an expert follows atomics.)"""
     from ferrum_gen.families.align import PAIRS_PER_CTA
-    from ferrum_gen.launch import pdl_unavailable
-    from ferrum_gen.runtime import MoeLayer
 
     path_or_skip(case, "stream")
-    reason = pdl_unavailable(case.bundle.arch)
-    if reason is not None:
-        pytest.skip(f"no programmatic dependent launch here: {reason}")
     several_ctas = PAIRS_PER_CTA // case.spec.top_k + 1  # more pairs than one align CTA places: align_count first
     counts = (7, 33, several_ctas)
-    plain = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], several_ctas,
-                     settings=Settings.from_env({"FERRUM_MOE_PDL": "0"}))
+    plain = plain_launch_layer_or_skip(case, several_ctas)
     for T in counts:
         for variants in variant_sets(case.layer, "stream", T):
             x, logits = case.inputs(T, rng)
