@@ -94,23 +94,24 @@ TENSOR_MAP_BYTES = 128
 """A CUtensorMap, as the kernels read it from global memory (64-byte aligned)."""
 
 
-def weight_tensor_map(address: int, rows: int, row_bytes: int, block_bytes: int, box_rows: int) -> bytes:
-    """The tensor map of an expert stack for the stream kernels' weight copies (sm_90): a 2-D byte
-    tensor of `rows` rows of `row_bytes` at `address`, copied a box of `box_rows` rows by one
-    quantized block (block_bytes) at a time, unswizzled (row r of the box lands block_bytes * r into
-    the stage). Needs cuda.bindings and a driver that reaches the GPU."""
+def weight_tensor_map(address: int, blocks: int, block_bytes: int, box_blocks: int) -> bytes:
+    """The tensor map of an expert stack for the stream kernels' weight copies (sm_90): the stack's
+    `blocks` quantized blocks of block_bytes at `address` as a 2-D byte tensor of a block a row,
+    copied box_blocks consecutive blocks at a time (in the tile-major layout, a weight tile's blocks
+    of one k-step), unswizzled (block r of the box lands block_bytes * r into the stage). Needs
+    cuda.bindings and a driver that reaches the GPU."""
     from cuda.bindings import driver as d
 
     u32, u64 = d.cuuint32_t, d.cuuint64_t
     err, tensor_map = d.cuTensorMapEncodeTiled(
-        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, u32(2), address, [u64(row_bytes), u64(rows)],
-        [u64(row_bytes)], [u32(block_bytes), u32(box_rows)], [u32(1), u32(1)],
+        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, u32(2), address, [u64(block_bytes), u64(blocks)],
+        [u64(block_bytes)], [u32(block_bytes), u32(box_blocks)], [u32(1), u32(1)],
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != d.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
-                           f"({rows} rows of {row_bytes} bytes, box {box_rows} x {block_bytes})")
+                           f"({blocks} blocks of {block_bytes} bytes, boxes of {box_blocks})")
     out = b"".join(int(v).to_bytes(8, "little") for v in tensor_map.opaque)
     assert len(out) == TENSOR_MAP_BYTES
     return out

@@ -18,6 +18,12 @@ import numpy as np
 QK_K = 256
 """Weights per k-quant super-block: a k-quantized row's input size must be a multiple."""
 
+WEIGHT_TILE_ROWS = 64
+"""Rows of a weight tile in the GPU layout (to_gpu_layout): inside a tile, block kb of every row is
+stored side by side, so the rows x one block that a kernel step reads is one contiguous run. A
+projection's output size is a multiple of QK_K (it is the input size of the other projection), so
+tiles never straddle two experts. The templates' fg::weight_block reads the same value."""
+
 
 class QuantType(str, Enum):
     Q4_K = "q4_k"
@@ -35,7 +41,8 @@ class QuantLayout:
     gguf_block_bytes: int
     """Bytes of one super-block as stored in a GGUF file."""
     gpu_block_bytes: int
-    """Bytes of one super-block in the layout the kernels read (16-byte aligned)."""
+    """Bytes of one super-block in the layout the kernels read (16-byte aligned; the blocks themselves
+    are ordered tile-major there, see to_gpu_layout)."""
     cuda_struct: str
     """The block's struct in templates/dequant.cuh.j2."""
     gemv_chunks_per_block: int
@@ -50,7 +57,7 @@ LAYOUTS: dict[QuantType, QuantLayout] = {
         qtype=QuantType.Q4_K, ggml_id=12, weights_per_block=QK_K, gguf_block_bytes=144, gpu_block_bytes=144,
         cuda_struct="fg::Q4K", gemv_chunks_per_block=8, separate_scale=False,
         layout_doc="d f16, dmin f16, 12 bytes of packed 6-bit scales and mins for 8 sub-blocks of 32, "
-                   "128 bytes of 4-bit values; kept as is on the GPU (144 bytes are 16-byte aligned)",
+                   "128 bytes of 4-bit values; its bytes kept as they are on the GPU (144 bytes are 16-byte aligned)",
     ),
     QuantType.Q6_K: QuantLayout(
         qtype=QuantType.Q6_K, ggml_id=14, weights_per_block=QK_K, gguf_block_bytes=210, gpu_block_bytes=208,
@@ -172,16 +179,35 @@ def random_matrix_bytes(qt: QuantType, rows: int, in_dim: int, rng: np.random.Ge
 _Q6_K_SCALE_ORDER = np.array([8 * n + 2 * m + s for n in range(2) for s in range(2) for m in range(4)])
 
 
-def to_gpu_layout(qt: QuantType, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The GGUF bytes (..., row_bytes) in the layout the kernels read, converted once at load.
+def tile_major(rows: np.ndarray, blocks_per_row: int) -> np.ndarray:
+    """(..., rows, blocks_per_row * item) -> the same shape, the rows regrouped tile-major: tiles of
+    WEIGHT_TILE_ROWS rows, and inside a tile block kb of each row side by side (kb-major). Works for
+    the block bytes (item = a block's bytes) and for a separate scale array (item = 1 scale)."""
+    *lead, n_rows, row_items = rows.shape
+    if n_rows % WEIGHT_TILE_ROWS:
+        raise ValueError(f"{n_rows} rows do not make whole {WEIGHT_TILE_ROWS}-row tiles of the GPU layout: "
+                         f"a projection's output size must be a multiple of {WEIGHT_TILE_ROWS}")
+    item = row_items // blocks_per_row
+    tiles = rows.reshape(*lead, n_rows // WEIGHT_TILE_ROWS, WEIGHT_TILE_ROWS, blocks_per_row, item)
+    return np.ascontiguousarray(np.swapaxes(tiles, -3, -2)).reshape(rows.shape)
 
-    Q4_K keeps the GGUF layout (144-byte blocks are 16-byte aligned). Q6_K blocks (210
-    bytes) are not, so each becomes 208 bytes [ql | qh | scales reordered per lane chunk]
-    plus its f16 d in a separate array of shape (..., blocks_per_row). Nothing is
-    dequantised: the GPU holds exactly the GGUF's bytes, rearranged.
+
+def to_gpu_layout(qt: QuantType, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The GGUF bytes (..., rows, row_bytes) of a stack of matrices in the layout the kernels read,
+    converted once at load; rows must be a multiple of WEIGHT_TILE_ROWS.
+
+    The rows are regrouped tile-major (tile_major; the kernels address a block through
+    fg::weight_block). Q4_K blocks (144 bytes, 16-byte aligned) keep their bytes. Q6_K blocks (210
+    bytes) are not aligned, so each becomes 208 bytes [ql | qh | scales reordered per lane chunk]
+    plus its f16 d in a separate array of shape (..., rows, blocks_per_row), in the same tile-major
+    order. Nothing is dequantised: the GPU holds exactly the GGUF's bytes, rearranged, and no more.
     """
+    if data.ndim < 2:
+        raise ValueError(f"to_gpu_layout takes (..., rows, row_bytes), got shape {data.shape}")
+    nb = data.shape[-1] // layout(qt).gguf_block_bytes
     if qt is QuantType.Q4_K:
-        return np.ascontiguousarray(data, dtype=np.uint8), None
+        _as_blocks(qt, data)  # whole blocks, or a clear error
+        return tile_major(np.ascontiguousarray(data, dtype=np.uint8), nb), None
     if qt is not QuantType.Q6_K:
         raise ValueError(f"to_gpu_layout has no rule for quant type {qt!r}")
     gpu_bytes = layout(qt).gpu_block_bytes
@@ -191,5 +217,4 @@ def to_gpu_layout(qt: QuantType, data: np.ndarray) -> tuple[np.ndarray, np.ndarr
     packed[:, :192] = blocks[:, :192]
     packed[:, 192:208] = blocks[:, 192:208][:, _Q6_K_SCALE_ORDER]
     d = blocks[:, 208:210].copy().view(np.float16).reshape(-1)
-    nb = data.shape[-1] // layout(qt).gguf_block_bytes
-    return packed.reshape(lead + (nb * gpu_bytes,)), d.reshape(lead + (nb,))
+    return tile_major(packed.reshape(lead + (nb * gpu_bytes,)), nb), tile_major(d.reshape(lead + (nb,)), nb)

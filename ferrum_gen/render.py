@@ -15,6 +15,7 @@ from . import __version__
 from .compile import write_atomic
 from .enumerate import enumerate_kernels
 from .families.base import KernelSpec
+from .quant import WEIGHT_TILE_ROWS
 from .spec import MoeSpec
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -81,6 +82,7 @@ def render_kernel(spec: MoeSpec, kernel: KernelSpec) -> RenderedKernel:
         spec_hash=spec.spec_hash(),
         template_name=kernel.template,
         template_hash=t_hash,
+        WEIGHT_TILE_ROWS=WEIGHT_TILE_ROWS,
     )
     source = _ENV.get_template(kernel.template).render(**context)
     return RenderedKernel(kernel, source, t_hash)

@@ -54,7 +54,7 @@ from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import stream as stream_family
 from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, weight_tensor_map
-from .quant import QuantType, layout, row_bytes, to_gpu_layout
+from .quant import WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
@@ -735,34 +735,30 @@ class MoeLayer:
 
     def _weight_tensor_maps(self) -> dict[str, Any]:
         """The stream kernels' weight tensor maps (families/stream.py WEIGHT_MAPS) in device memory,
-        by kernel uri (kernels of one family and tile height share theirs): encoded where those
-        kernels copy weights by tensor copies (stream.py's WGMMA_ARCHS, built as sm_90a), else a
-        placeholder the older archs' kernels never read."""
+        by kernel uri (the kernels of one family share theirs): encoded where those kernels copy
+        weights by tensor copies (stream.py's WGMMA_ARCHS, built as sm_90a), else a placeholder the
+        older archs' kernels never read."""
         spec = self.spec
         stacks = {"stream_gate_up_silu": ((self.gate, self.up), spec.intermediate_size, spec.hidden_size),
                   "stream_down": ((self.down,), spec.hidden_size, spec.intermediate_size)}
         tensor_copies = self.bundle.arch in {a.value for a in stream_family.WGMMA_ARCHS}
-        shared: dict[tuple[str, int], Any] = {}
         out = {}
         for family, (projections, out_dim, in_dim) in stacks.items():
-            for kernels in self.variants.get(family, {}).values():
-                for kern in kernels:
-                    key = family, kern.launch["tile_n"]
-                    if key not in shared:
-                        shared[key] = (self._encode_weight_maps(projections, out_dim, in_dim, key[1])
-                                       if tensor_copies else self._placeholder)
-                    out[kern.uri] = shared[key]
+            kernels = [k for ks in self.variants.get(family, {}).values() for k in ks]
+            if kernels:
+                maps = self._encode_weight_maps(projections, out_dim, in_dim) if tensor_copies else self._placeholder
+                out.update((k.uri, maps) for k in kernels)
         return out
 
-    def _encode_weight_maps(self, projections: tuple[DeviceProjection, ...], out_dim: int, in_dim: int,
-                            box_rows: int) -> Any:
-        """One tensor map a projection (its expert stack: E * out_dim rows of in_dim weights), boxes of
-        box_rows rows by one block, side by side in a device array."""
+    def _encode_weight_maps(self, projections: tuple[DeviceProjection, ...], out_dim: int, in_dim: int) -> Any:
+        """One tensor map a projection (its expert stack: E * out_dim rows of in_dim weights, tile-major),
+        each over the stack's blocks, boxes of a weight tile's blocks of one k-step, side by side in a
+        device array."""
         lay = layout(projections[0].quant)
-        row = in_dim // lay.weights_per_block * lay.gpu_block_bytes
+        blocks = self.spec.num_experts * out_dim * (in_dim // lay.weights_per_block)
         try:
-            maps = b"".join(weight_tensor_map(p.data.data.ptr, self.spec.num_experts * out_dim, row,
-                                              lay.gpu_block_bytes, box_rows) for p in projections)
+            maps = b"".join(weight_tensor_map(p.data.data.ptr, blocks, lay.gpu_block_bytes, WEIGHT_TILE_ROWS)
+                            for p in projections)
         except ImportError as err:
             raise RuntimeError(f"the stream kernels copy weights by tensor maps on {self.bundle.arch}, which "
                                f"need cuda.bindings ({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])") from err

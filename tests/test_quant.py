@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ferrum_gen import quant
-from ferrum_gen.spec import QK_K, QuantType
+from ferrum_gen.render import render_spec
+from ferrum_gen.spec import QK_K, QuantType, load_spec, shipped_spec_names
 
 QTYPES = list(quant.LAYOUTS)
 GGML = {QuantType.Q4_K: gguf.GGMLQuantizationType.Q4_K, QuantType.Q6_K: gguf.GGMLQuantizationType.Q6_K}
@@ -108,18 +109,31 @@ def test_q4_k_scales_mins_follow_the_design_formula():
         np.testing.assert_array_equal(mn[:, j], want_m)
 
 
-def test_q4_k_gpu_layout_is_the_gguf_layout():
+def _blocks_in_kernel_order(packed: np.ndarray, rows: int, blocks_per_row: int) -> np.ndarray:
+    """GPU blocks (or scales) back in GGUF order, (rows, blocks_per_row, item): block kb of row r read
+    at fg::weight_block's index, ((r / T) * KB + kb) * T + r % T, written here from the template."""
+    tile = quant.WEIGHT_TILE_ROWS
+    flat = packed.reshape(rows * blocks_per_row, -1)
+    r, kb = np.meshgrid(np.arange(rows), np.arange(blocks_per_row), indexing="ij")
+    return flat[((r // tile) * blocks_per_row + kb) * tile + r % tile]
+
+
+def test_q4_k_gpu_layout_is_the_gguf_blocks_tile_major():
     rng = np.random.default_rng(6)
-    data = quant.random_matrix_bytes(QuantType.Q4_K, 10, 2 * QK_K, rng).reshape(2, 5, -1)
+    experts, rows, nb = 2, 2 * quant.WEIGHT_TILE_ROWS, 3
+    data = quant.random_matrix_bytes(QuantType.Q4_K, experts * rows, nb * QK_K, rng).reshape(experts, rows, -1)
     packed, d = quant.to_gpu_layout(QuantType.Q4_K, data)
-    assert d is None
-    np.testing.assert_array_equal(packed, data)
+    assert d is None and packed.shape == data.shape and packed.dtype == np.uint8
+    np.testing.assert_array_equal(_blocks_in_kernel_order(packed, experts * rows, nb),
+                                  data.reshape(experts * rows, nb, -1))
 
 
 def _unpack_q6_k_gpu(packed: np.ndarray, d: np.ndarray) -> np.ndarray:
     """The inverse of to_gpu_layout for Q6_K, written from its docstring."""
     lead = packed.shape[:-1]
-    blocks = packed.reshape(-1, quant.layout(QuantType.Q6_K).gpu_block_bytes)
+    rows, nb = int(np.prod(lead)), d.shape[-1]
+    blocks = _blocks_in_kernel_order(packed, rows, nb).reshape(-1, quant.layout(QuantType.Q6_K).gpu_block_bytes)
+    d = _blocks_in_kernel_order(d, rows, nb).reshape(-1)
     out = np.empty((blocks.shape[0], quant.BLOCK_BYTES[QuantType.Q6_K]), np.uint8)
     out[:, :192] = blocks[:, :192]
     # GPU scale slot 4*(2n+s)+m holds GGUF scale 8n+2m+s
@@ -134,7 +148,7 @@ def _unpack_q6_k_gpu(packed: np.ndarray, d: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("source", ["random", "libgguf"])
 def test_q6_k_gpu_layout_round_trips(source):
     rng = np.random.default_rng(7)
-    experts, rows, in_dim = 3, 8, 2 * QK_K
+    experts, rows, in_dim = 3, quant.WEIGHT_TILE_ROWS, 2 * QK_K
     if source == "random":
         data = quant.random_matrix_bytes(QuantType.Q6_K, experts * rows, in_dim, rng)
     else:
@@ -148,6 +162,29 @@ def test_q6_k_gpu_layout_round_trips(source):
     assert d.shape == (experts, rows, nb) and d.dtype == np.float16
     assert quant.layout(QuantType.Q6_K).gpu_block_bytes % 16 == 0
     np.testing.assert_array_equal(_unpack_q6_k_gpu(packed, d), data)
+
+
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda q: q.value)
+def test_gpu_layout_refuses_rows_that_are_not_whole_tiles(qt):
+    data = quant.random_matrix_bytes(qt, quant.WEIGHT_TILE_ROWS + 8, QK_K, np.random.default_rng(8))
+    with pytest.raises(ValueError, match=f"multiple of {quant.WEIGHT_TILE_ROWS}"):
+        quant.to_gpu_layout(qt, data)
+
+
+@pytest.mark.parametrize("spec_name", shipped_spec_names())
+def test_the_gpu_layout_of_each_projection_is_no_larger_than_its_gguf_bytes(spec_name):
+    spec = load_spec(spec_name)
+    for qt, out_dim, in_dim in ((spec.quant.gate, spec.intermediate_size, spec.hidden_size),
+                                (spec.quant.up, spec.intermediate_size, spec.hidden_size),
+                                (spec.quant.down, spec.hidden_size, spec.intermediate_size)):
+        data = np.zeros((1, out_dim, quant.row_bytes(qt, in_dim)), np.uint8)  # one expert of the spec's shape
+        packed, d = quant.to_gpu_layout(qt, data)
+        assert packed.nbytes + (0 if d is None else d.nbytes) == data.nbytes
+
+
+def test_kernels_read_the_tile_height_the_layout_uses():
+    sources = [r.source for r in render_spec(load_spec("tiny")) if r.kernel.family.startswith(("gemv", "grouped", "gemm", "stream"))]
+    assert sources and all(f"constexpr int WEIGHT_TILE_ROWS = {quant.WEIGHT_TILE_ROWS};" in src for src in sources)
 
 
 def test_q6_k_scale_order_is_a_permutation():
@@ -172,7 +209,8 @@ def test_registry_entry_agrees_with_gguf_and_the_kernels(qt):
     assert lay.ggml_id == int(GGML[qt]) and quant.by_ggml_id(lay.ggml_id) is qt
     assert lay.gguf_block_bytes == gguf.GGML_QUANT_SIZES[GGML[qt]][1]
     assert lay.gpu_block_bytes % 16 == 0, "the kernels read blocks with 16-byte loads"
-    packed, d = quant.to_gpu_layout(qt, quant.random_matrix_bytes(qt, 3, 2 * QK_K, np.random.default_rng(0)))
+    packed, d = quant.to_gpu_layout(qt, quant.random_matrix_bytes(qt, quant.WEIGHT_TILE_ROWS, 2 * QK_K,
+                                                                  np.random.default_rng(0)))
     assert packed.shape[-1] == 2 * lay.gpu_block_bytes
     assert (d is not None) == lay.separate_scale
     template = (Path(quant.__file__).parent / "templates" / "dequant.cuh.j2").read_text()

@@ -178,7 +178,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
 
 WEIGHT_MAPS = Arg("w_maps", "const void*")
 """The stream kernels' weight tensor maps: one CUtensorMap (128 bytes) a matrix in global memory, a
-box of the kernel's rows (launch["tile_n"]) by one quantized block, gate's then up's (runtime.py,
+box of one weight tile's blocks of a k-step (quant.WEIGHT_TILE_ROWS, tile-major; a kernel's tile of
+launch["tile_n"] rows is tile_n / WEIGHT_TILE_ROWS boxes), gate's then up's (runtime.py,
 launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
 ignored on older archs."""
 
