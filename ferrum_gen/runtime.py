@@ -175,6 +175,7 @@ def aligned_shapes(spec: MoeSpec, rows: int) -> dict[str, tuple[tuple[int, ...],
     return {
         "sorted_ids": ((rows,), "int32"),
         "block_expert": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),
+        "block_ready": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),  # the stream kernels' rows of a
         "a_sorted": ((rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
         "y_sorted": ((rows, spec.hidden_size), _ACT_CUPY[spec.activation_dtype]),
     }
@@ -636,7 +637,8 @@ class MoeLayer:
             self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
                          counts=self.align_counts,
                          block_size_override=override or 0, sorted_ids=self.sorted_ids,
-                         block_expert=self.block_expert, plan=self.plan, pairs_by_token=self.pairs_by_token)
+                         block_expert=self.block_expert, block_ready=self.block_ready, plan=self.plan,
+                         pairs_by_token=self.pairs_by_token)
 
         def gemm_gate_up() -> None:
             x_in = xc
@@ -648,14 +650,14 @@ class MoeLayer:
                 self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
                              w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
-                             **self._maps_args(kern))
+                             **self._stream_args(kern))
 
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
-                             sorted_ids=self.sorted_ids, num_pairs=P, **self._maps_args(kern))
+                             sorted_ids=self.sorted_ids, num_pairs=P, **self._stream_args(kern))
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -765,10 +767,10 @@ class MoeLayer:
         assert len(maps) == TENSOR_MAP_BYTES * len(projections)
         return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
 
-    def _maps_args(self, kern: Kernel) -> dict[str, Any]:
-        """w_maps for a kernel that takes it (the stream kernels), else nothing."""
+    def _stream_args(self, kern: Kernel) -> dict[str, Any]:
+        """w_maps and block_ready for a kernel that takes them (the stream kernels), else nothing."""
         maps = self._w_maps.get(kern.uri)
-        return {} if maps is None else {"w_maps": maps}
+        return {} if maps is None else {"w_maps": maps, "block_ready": self.block_ready}
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
@@ -803,6 +805,7 @@ class MoeLayer:
             p = reference.align(ids, spec.num_experts, bs)
             self.sorted_ids[: p.num_padded].set(p.sorted_ids.astype(np.int32))
             self.block_expert[: len(p.block_expert)].set(p.block_expert.astype(np.int32))
+            self.block_ready[: len(p.block_expert)].fill(0)
             self.plan.set(np.array([p.num_padded, bs], dtype=np.int32))
             self.pairs_by_token[: T * spec.top_k].set(p.pairs_by_token.astype(np.int32))
 

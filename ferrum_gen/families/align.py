@@ -41,6 +41,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("block_size_override", "int"),
                 Arg("sorted_ids", "int*"),
                 Arg("block_expert", "int*"),
+                Arg("block_ready", "int*"),
                 Arg("plan", "int*"),
                 Arg("pairs_by_token", "int*"),
             ),

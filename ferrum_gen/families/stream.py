@@ -182,16 +182,19 @@ box of one weight tile's blocks of a k-step (quant.WEIGHT_TILE_ROWS, tile-major;
 launch["tile_n"] rows is tile_n / WEIGHT_TILE_ROWS boxes), gate's then up's (runtime.py,
 launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
 ignored on older archs."""
+BLOCK_READY = Arg("block_ready", "int*")
+"""Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
+a block's I rows before it reads them (templates/stream.cuh.j2)."""
 
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS),
+                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS, BLOCK_READY),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
-    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (*aligned_down_args(dtype), WEIGHT_MAPS),
+    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (*aligned_down_args(dtype), WEIGHT_MAPS, BLOCK_READY),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
