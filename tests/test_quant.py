@@ -158,7 +158,8 @@ def test_q6_k_gpu_layout_round_trips(source):
     data = data.reshape(experts, rows, -1)
     packed, d = quant.to_gpu_layout(QuantType.Q6_K, data)
     nb = in_dim // QK_K
-    assert packed.shape == (experts, rows, nb * quant.layout(QuantType.Q6_K).gpu_block_bytes) and packed.dtype == np.uint8
+    assert packed.shape == (experts, rows, nb * quant.layout(QuantType.Q6_K).gpu_block_bytes)
+    assert packed.dtype == np.uint8
     assert d.shape == (experts, rows, nb) and d.dtype == np.float16
     assert quant.layout(QuantType.Q6_K).gpu_block_bytes % 16 == 0
     np.testing.assert_array_equal(_unpack_q6_k_gpu(packed, d), data)
@@ -182,8 +183,10 @@ def test_the_gpu_layout_of_each_projection_is_no_larger_than_its_gguf_bytes(spec
         assert packed.nbytes + (0 if d is None else d.nbytes) == data.nbytes
 
 
-def test_kernels_read_the_tile_height_the_layout_uses():
-    sources = [r.source for r in render_spec(load_spec("tiny")) if r.kernel.family.startswith(("gemv", "grouped", "gemm", "stream"))]
+@pytest.mark.parametrize("spec_name", shipped_spec_names())
+def test_kernels_read_the_tile_height_the_layout_uses(spec_name):
+    weight_readers = ("gemv", "grouped", "gemm", "stream")
+    sources = [r.source for r in render_spec(load_spec(spec_name)) if r.kernel.family.startswith(weight_readers)]
     assert sources and all(f"constexpr int WEIGHT_TILE_ROWS = {quant.WEIGHT_TILE_ROWS};" in src for src in sources)
 
 

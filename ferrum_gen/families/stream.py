@@ -196,5 +196,6 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
-    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1, (*aligned_down_args(dtype), WEIGHT_MAPS, BLOCK_READY),
+    return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1,
+                    (*aligned_down_args(dtype), WEIGHT_MAPS, BLOCK_READY),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
