@@ -178,6 +178,20 @@ def test_each_tuned_family_has_one_default_variant_and_every_listed_variant(spec
                 assert set(k["launch"]["smem_bytes"]) == set(k["archs"]), "shared memory for each arch it runs on"
 
 
+def test_the_stream_variants_of_one_or_two_ctas_an_sm_refill_a_stage_early(spec) -> None:
+    """stream.cuh's early refill is asked for by the mma.sync variants of at most REFILL_MAX_CTAS
+    CTAs an SM, whose rings it made faster, and by neither the four-CTA variants, which it made
+    slower at few tokens, nor the wgmma ones, whose warps read their weights from the stage as they
+    multiply; the rendered kernel carries the choice."""
+    rendered = {r.kernel.uri: r.source for r in render_spec(spec)}
+    for k in enumerate_kernels(spec):
+        if not k.family.startswith("stream_"):
+            continue
+        refill = not k.variant.startswith("w") and k.launch["ctas_per_sm"] <= stream.REFILL_MAX_CTAS
+        assert k.values["REFILL"] == ("true" if refill else "false"), k.uri
+        assert f"constexpr bool REFILL = {k.values['REFILL']};" in rendered[k.uri], k.uri
+
+
 def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
     data = load_spec("qwen3moe").model_dump(mode="json")
     data["variants"]["gate_up_tile_n"] = [256]

@@ -59,6 +59,12 @@ CTAS_PER_SM = (1, 2, 4)
 SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
 latency; variant b<size>x2); and four CTAs of SMALL_WARPS warps (64 rows; variant b<size>x4):
 the same warps an SM as x2, with four independent rings and barriers of 4 warps."""
+REFILL_MAX_CTAS = 2
+"""The mma.sync variants at up to this many CTAs an SM refill a stage's weights as soon as the warps
+hold them in registers (stream.cuh's EARLY_REFILL): a ring of 2 stages then has 2 steps of weights in
+flight instead of 1. On an H200 that made b32x2 2-8 % faster at T = 256-1024 (qwen3moe, olmoe), but
+b16x4 1-4 % slower at T = 5-16, where most of its CTAs run one tile; the four-CTA variants keep
+the ring as it was (docs/perf-notes.md)."""
 SMEM_RESERVED_PER_CTA = 1024
 """Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
 
@@ -164,6 +170,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
             values={**values, "BS": bs, "ROWS": rows, "THREADS": threads, "CTAS_PER_SM": ctas,
                     "WGMMA": "true" if wg else "false", "PRODUCER": "true" if producer else "false",
+                    "REFILL": "true" if not wg and ctas <= REFILL_MAX_CTAS else "false",
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "STAGES_BY_ARCH": by_arch},
             args=args,
