@@ -62,9 +62,9 @@ the same warps an SM as x2, with four independent rings and barriers of 4 warps.
 REFILL_MAX_CTAS = 2
 """The mma.sync variants at up to this many CTAs an SM refill a stage's weights as soon as the warps
 hold them in registers (stream.cuh's EARLY_REFILL): a ring of 2 stages then has 2 steps of weights in
-flight instead of 1. On an H200 that made b32x2 2-8 % faster at T = 256-1024 (qwen3moe, olmoe), but
-b16x4 1-4 % slower at T = 5-16, where most of its CTAs run one tile; the four-CTA variants keep
-the ring as it was (docs/perf-notes.md)."""
+flight instead of 1. On an H200 that made the b32x2 and b64 buckets 2.5-8 % faster at T = 128-1024 on
+every shipped spec, but b16x4 1-4 % slower at T = 5-16, where most of its CTAs run one tile; the
+four-CTA variants keep the ring as it was (docs/perf-notes.md)."""
 SMEM_RESERVED_PER_CTA = 1024
 """Shared memory the hardware keeps per resident CTA (sm_80 and later)."""
 
