@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+import ferrum_gen
 from ferrum_gen import __version__, tuning
 from ferrum_gen.enumerate import enumerate_kernels
 from ferrum_gen.families import grouped
@@ -195,3 +200,39 @@ def test_the_integer_dot_variants_take_a_cta_a_pair_up_to_their_most_pairs(spec)
                    for name, v in kernels.items() if name != grouped.INT_DOT_VARIANT)
     gate_up = by_family["grouped_gate_up_silu"][grouped.INT_DOT_VARIANT]
     assert gate_up.values["LAUNCH_BOUNDS"] == f"THREADS, {grouped.INT_DOT_MIN_CTAS}"
+
+
+def _magic_constants() -> dict[str, dict[str, int]]:
+    """The Mma<T> constants of templates/grouped.cuh.j2, by type: {"__half": {"MAGIC": ..., ...}, ...}."""
+    source = (Path(ferrum_gen.__file__).parent / "templates" / "grouped.cuh.j2").read_text()
+    out: dict[str, dict[str, int]] = {}
+    for mt, body in re.findall(r"template <> struct Mma<(\w+)> \{(.*?)\n\};", source, re.S):
+        values = dict(re.findall(r"static constexpr u32 (\w+) = 0x([0-9A-Fa-f]{8})u;", body))
+        aliases = dict(re.findall(r"static constexpr u32 (\w+) = ([A-Z_]+);", body))
+        out[mt] = {k: int(v, 16) for k, v in values.items()} | {k: int(values[v], 16) for k, v in aliases.items()}
+    return out
+
+
+def test_the_magic_constants_make_every_code_an_exact_16_bit_float() -> None:
+    """The dequantisation ORs a code into a 16-bit float and subtracts the float's magic value: exact only
+    if the code lands in the mantissa's units. Low nibbles and Q6_K's 6-bit codes go under MAGIC; Q4_K's
+    high nibbles stay at bits 4-7 under HIGH_MAGIC in f16 (64 + q), and are shifted down in bf16."""
+    consts = _magic_constants()
+    half, bf16 = consts["__half"], consts["__nv_bfloat16"]
+
+    def as_f16(bits: int) -> float:
+        return float(np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+
+    def as_bf16(bits: int) -> float:
+        return float(np.array([(bits & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
+
+    for q in range(64):
+        assert as_f16(half["MAGIC"] | q) == as_f16(half["MAGIC"]) + q
+        assert as_bf16(bf16["MAGIC"] | q) == as_bf16(bf16["MAGIC"]) + q
+    for q in range(16):
+        assert as_f16(half["HIGH_MAGIC"] | (q << 4)) == as_f16(half["HIGH_MAGIC"]) + q
+    assert half["HIGH_MAGIC"] != half["MAGIC"]
+    assert bf16["HIGH_MAGIC"] == bf16["MAGIC"]
+    # each 32-bit constant is one 16-bit pattern twice (a register's two halves)
+    for c in (half["MAGIC"], half["HIGH_MAGIC"], bf16["MAGIC"]):
+        assert c >> 16 == c & 0xFFFF
