@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import __version__, reference
+from .families.fused_moe import supported as fused_supported
 from .families.grouped import supported as grouped_supported
 from .families.stream import supported as stream_supported
 from .quant import dequantize, random_matrix_bytes, row_bytes
@@ -45,7 +46,7 @@ SCHEMA_VERSION = 1
 """Bumped whenever a field of BenchResult changes meaning or is removed; --compare refuses other versions."""
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-PATHS = ("auto", "decode", "grouped", "prefill", "stream")
+PATHS = ("auto", "decode", "grouped", "fused", "prefill", "stream")
 ROUTINGS = ("uniform", "skewed")
 DEFAULT_ROTATIONS = 8
 DECODE_UP_TO = 64
@@ -323,13 +324,15 @@ def make_split(cumulative_us: dict[str, float], whole_us: float, tolerance: floa
 def paths_at(tokens: int, spec: MoeSpec, paths: Sequence[str], decode_up_to: int = DECODE_UP_TO,
              prefill_from: int = PREFILL_FROM) -> list[str]:
     """The paths timed at T: auto always, decode and grouped up to decode_up_to (decode also within
-    the grid limit), prefill and stream from prefill_from. A spec without grouped or stream kernels
-    skips that path."""
+    the grid limit), fused at T = 1, prefill and stream from prefill_from. A spec without grouped,
+    fused or stream kernels skips that path."""
     out = []
     for path in paths:
         if path == "decode" and (tokens > decode_up_to or tokens * spec.top_k > DECODE_MAX_PAIRS):
             continue
         if path == "grouped" and (tokens > decode_up_to or not grouped_supported(spec)):
+            continue
+        if path == "fused" and (tokens > 1 or not fused_supported(spec)):
             continue
         if path in ("prefill", "stream") and tokens < prefill_from:
             continue
@@ -563,8 +566,8 @@ def plot(result: BenchResult, path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6))
     styles = {"uniform": "-", "skewed": "--"}  # the colour says the path, the line style the routing
-    colours = {"auto": "tab:blue", "decode": "tab:orange", "grouped": "tab:red", "prefill": "tab:green",
-               "stream": "tab:purple"}
+    colours = {"auto": "tab:blue", "decode": "tab:orange", "grouped": "tab:red", "fused": "tab:brown",
+               "prefill": "tab:green", "stream": "tab:purple"}
     for routing in sorted({c.routing for c in result.cases}, key=lambda r: r != "uniform"):
         for which in PATHS:
             cases = sorted((c for c in result.cases if c.routing == routing and c.path == which), key=lambda c: c.tokens)

@@ -6,6 +6,7 @@ from .families import (
     align,
     align_count,
     combine,
+    fused_moe,
     gemm_down,
     gemm_gate_up_silu,
     gemv_down_combine,
@@ -20,7 +21,7 @@ from .families.base import KernelSpec
 from .spec import MoeSpec
 
 FAMILIES = (router, align_count, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
-            gemm_gate_up_silu, gemm_down, stream_gate_up_silu, stream_down, combine)
+            fused_moe, gemm_gate_up_silu, gemm_down, stream_gate_up_silu, stream_down, combine)
 
 
 def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:

@@ -13,6 +13,11 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   two launches. Otherwise, on sm_90+ with cuda-bindings, gate+up and down are launched as
   programmatic dependents (ferrum_gen/launch.py; FERRUM_MOE_PDL=0 turns it off): each starts
   while the kernel before it ends.
+- fused (one token, sm_90, where the tuning table picks it): one launch for the whole layer. A
+  grid of every resident CTA; each routes the token, bulk-copies its share of the gate+up and down
+  weights into shared memory at once, multiplies by integer dot products, and the CTAs meet once
+  between gate+up and down (templates/fused_moe.cu.j2). All CTAs must be resident together: another
+  kernel holding SMs at the same time delays it until it can be.
 - decode (the GEMVs, one (token, expert) pair per grid row: the default where grouped is
   missing): router -> fused gate+up+SiLU GEMV -> down GEMV with the weighted combine fused.
   Both decode-sized paths run with no host synchronisation and no allocation when `out` is
@@ -52,6 +57,7 @@ import numpy as np
 from . import reference, tuning
 from .bundle import Kernel, KernelBundle
 from .families import align as align_family
+from .families import fused_moe as fused_family
 from .families import stream as stream_family
 from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, weight_tensor_map
 from .quant import WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
@@ -59,10 +65,12 @@ from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+FUSED = fused_family.FAMILY
 
 PHASES = {
     "decode": ("route", "gate_up_silu", "down_combine"),
     "grouped": ("route", "gate_up_silu", "down_combine"),
+    "fused": ("moe",),
     "prefill": ("route", "align", "gate_up_silu", "down", "combine"),
     "stream": ("route", "align", "gate_up_silu", "down", "combine"),
 }
@@ -200,6 +208,7 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
+        "fused_sync": ((2,), "int32"),  # the fused kernel's arrivals: zero between calls
         "align_counts": ((align_family.cta_count(pairs), E), "int32"),  # align_count's per-chunk histograms
     }
     if spec.activation_dtype is ActivationDtype.F32:  # the prefill GEMMs' f16 copy of x
@@ -207,9 +216,9 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
     return shapes
 
 
-ZEROED_SCRATCH = ("plan", "tile_counters")
-"""Scratch that must start at zero (the align plan's counts, the grouped down's tile counters,
-which each call leaves at zero); the rest is written before it is read."""
+ZEROED_SCRATCH = ("plan", "tile_counters", "fused_sync")
+"""Scratch that must start at zero (the align plan's counts, the grouped down's tile counters and the
+fused kernel's arrivals, which each call leaves at zero); the rest is written before it is read."""
 
 
 def shapes_bytes(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
@@ -265,8 +274,8 @@ class MoeLayer:
                 for kern in kernels:
                     if isinstance(kern.launch["smem_bytes"], dict):  # per-arch dynamic shared memory
                         self._set_smem(kern)
-        for family in (f for p in tuning.ALIGNED_PATHS for f in tuning.PATH_FAMILIES[p]):
-            # the persistent grids of the aligned paths are sized by occupancy
+        for family in (f for p in (*tuning.ALIGNED_PATHS, "fused") for f in tuning.PATH_FAMILIES[p]):
+            # the persistent grids of the aligned paths and the fused kernel are sized by occupancy
             for kernels in self.variants.get(family, {}).values():
                 for kern in kernels:
                     self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
@@ -357,10 +366,18 @@ class MoeLayer:
         if path not in ("auto", *tuning.PATHS):
             raise ValueError(f"path={path!r}: use 'auto' or one of {tuning.PATHS}")
         choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
+        if choice.path == "fused" and path == "auto" and self.variant_refusal(
+                FUSED, choice.variants[FUSED], tokens) is not None:
+            # a table's fused entry where it cannot serve (routing on the host): the default rule instead
+            choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, None, path)
         # a variant that cannot serve this call (r8 beyond its tokens, or with routing on the host)
         # gives way to its family's default
         fitting = {f: v if self.variant_refusal(f, v, tokens) is None else self._default_variants[f]
                    for f, v in choice.variants.items()}
+        if choice.path == "fused" and not variants:
+            refusal = self.variant_refusal(FUSED, choice.variants[FUSED], tokens)
+            if refusal is not None:
+                raise ValueError(f"the fused path's kernel {refusal}: use path='grouped', or 'auto'")
         if fitting != dict(choice.variants):
             choice = dataclasses.replace(choice, variants=fitting)
         if not variants:
@@ -407,7 +424,7 @@ class MoeLayer:
     def selected_kernels(self, tokens: int, path: str = "auto") -> dict[str, str]:
         """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
         choice = self.choose(tokens, path)
-        out = {} if self.routes_in_gate_up(choice) else {"router": self.k_router.uri}
+        out = {} if self.routes_in_gate_up(choice) or choice.path == "fused" else {"router": self.k_router.uri}
         if choice.path in tuning.ALIGNED_PATHS:
             if self._align_chunks(tokens) > 1:
                 out["align_count"] = self.k_align_count.uri
@@ -421,6 +438,8 @@ class MoeLayer:
     def launch_count(self, tokens: int, path: str = "auto") -> int:
         """Kernel launches of one forward call with float32 router logits."""
         choice = self.choose(tokens, path)
+        if choice.path == "fused":
+            return 1
         if choice.path in ("decode", "grouped"):
             return 2 if self.routes_in_gate_up(choice) else 3
         per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
@@ -536,6 +555,12 @@ class MoeLayer:
             logits = self._logits_f32(lc, router_logits, T)
             if check_finite:
                 self._raise_on_non_finite(logits)
+            if choice.path == "fused":
+                self._fused(xc, logits, out_c, choice, stream)
+                self._phase("moe", stream, events)
+                if events is not None and stop_after is None:
+                    self._record_profile(choice.path, events)
+                return out_user
             host = self.settings.host_route
             if choice.path in tuning.ALIGNED_PATHS:
                 self._fit_aligned_scratch(self._block_size(choice))
@@ -612,6 +637,14 @@ class MoeLayer:
                 a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,
                 w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
         ])
+
+    def _fused(self, xc: Any, logits: Any, out_c: Any, choice: tuning.Choice, stream: Any) -> None:
+        """One launch for the whole layer (one token): a grid of every resident CTA, which all meet once."""
+        (kern,) = self.variants[FUSED][choice.variants[FUSED]]
+        self._launch(kern, (self._resident[kern.uri],), stream, kern.launch["smem_bytes"][self.bundle.arch],
+                     x=xc, logits=logits, ids=self.ids, weights=self.weights, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
+                     w_up_d=self.up.d, w_down=self.down.data, w_down_d=self.down.d, a=self.a_sorted,
+                     sync=self.fused_sync, out=out_c)
 
     def _prefill(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
                  stop_after: str | None, plan_ready: bool) -> None:

@@ -32,10 +32,11 @@ log = logging.getLogger("ferrum_gen")
 
 SCHEMA_VERSION = 2
 """2: the grouped path joined the tuned paths; a version-1 table never timed it."""
-PATHS = ("decode", "grouped", "prefill", "stream")
+PATHS = ("decode", "grouped", "fused", "prefill", "stream")
 PATH_FAMILIES: dict[str, tuple[str, ...]] = {
     "decode": ("gemv_gate_up_silu", "gemv_down_combine"),
     "grouped": ("grouped_gate_up_silu", "grouped_down_combine"),
+    "fused": ("fused_moe",),
     "prefill": ("gemm_gate_up_silu", "gemm_down"),
     "stream": ("stream_gate_up_silu", "stream_down"),
 }

@@ -11,7 +11,7 @@ import pytest
 
 from ferrum_gen import __version__
 from ferrum_gen.enumerate import enumerate_kernels
-from ferrum_gen.families import stream
+from ferrum_gen.families import fused_moe, stream
 from ferrum_gen.families.base import SMEM_LIMIT
 from ferrum_gen.families.grouped import supported as grouped_supported
 from ferrum_gen.render import MANIFEST, _ENV, bundle_files, render_spec, template_hash, write_bundle
@@ -26,9 +26,11 @@ STREAM_FAMILIES = {"stream_gate_up_silu", "stream_down"}
 
 def families_of(spec) -> set[str]:
     """Every spec has FAMILIES; the grouped and stream kernels only where gate and up share a quant
-    type (and, for stream, the tiles divide the projections)."""
+    type (and, for stream, the tiles divide the projections); the fused kernel where the grouped ones
+    are and the spec targets sm_90."""
     return (FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
-            | (STREAM_FAMILIES if stream.supported(spec) else set()))
+            | (STREAM_FAMILIES if stream.supported(spec) else set())
+            | ({fused_moe.FAMILY} if fused_moe.supported(spec) else set()))
 
 
 @pytest.fixture(params=shipped_spec_names())

@@ -558,6 +558,60 @@ def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
         assert usable == {fv for fv in manifest_variants if fv[0] in case.layer.variants}
 
 
+# --- the fused path (one token, one launch) -----------------------------------------------------
+
+def test_fused_kernels_match_reference(case: Case, rng) -> None:
+    """Every fused variant against the reference: a, the output, the routing it hands back, and the
+    arrival counters left at zero for the next launch; normal routing and every token's experts fixed."""
+    path_or_skip(case, "fused")
+    spec = case.spec
+    tol = LAYER_TOL[spec.activation_dtype]
+    k = spec.top_k
+    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    for variants in variant_sets(case.layer, "fused", 1):
+        for routing, x, logits in routed_inputs(case, 1, rng):
+            out = case.run(x, logits, "fused", variants)
+            ref_out, ref_a, _, ids, w = case.reference(x, logits)
+            where = (variants, routing)
+            np.testing.assert_array_equal(cp.asnumpy(case.layer.ids[:k]), ids.reshape(-1))
+            assert np.linalg.norm(cp.asnumpy(case.layer.weights[:k]) - w.reshape(-1)) <= 1e-5 * np.linalg.norm(w)
+            assert rel_err(from_act(case.layer.a_sorted[:k], mma), ref_a) <= tol, where
+            assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
+            assert not bool(case.layer.fused_sync.any()), "the arrival counters were not reset"
+
+
+def test_fused_path_is_deterministic_and_agrees_with_grouped(case: Case, rng) -> None:
+    path_or_skip(case, "fused")
+    dtype = case.spec.activation_dtype
+    x, logits = case.inputs(1, rng)
+    for variants in variant_sets(case.layer, "fused", 1):
+        first = case.run(x, logits, "fused", variants).copy()
+        second = case.run(x, logits, "fused", variants)
+        cp.testing.assert_array_equal(first, second)  # the same bits: fixed orders throughout
+        grouped = from_act(case.run(x, logits, "grouped"), dtype)
+        assert rel_err(from_act(first, dtype), grouped) <= LAYER_TOL[dtype], variants
+
+
+def test_fused_path_serves_one_token_with_device_routing(case: Case, rng) -> None:
+    """Two tokens, or routing on the host, are refused by name when the fused path is forced, and
+    'auto' never picks it for them; a NaN logit still gives the NaN row."""
+    from ferrum_gen.runtime import MoeLayer
+
+    path_or_skip(case, "fused")
+    x, logits = case.inputs(2, rng)
+    with pytest.raises(ValueError, match="serves at most 1 tokens, not 2"):
+        case.layer.forward(x, logits, path="fused")
+    assert case.layer.choose(2).path != "fused"
+    host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 4,
+                    settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
+    with pytest.raises(ValueError, match="FERRUM_MOE_HOST_ROUTE=1"):
+        host.forward(x[:1], logits[:1], path="fused")
+    assert host.choose(1).path != "fused"
+    logits[0, 3] = np.nan
+    out = from_act(case.run(x[:1], logits[:1], "fused"), case.spec.activation_dtype)
+    assert bool(cp.isnan(out).all())
+
+
 # --- the whole layer ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
@@ -582,17 +636,18 @@ def test_host_routing_matches_device_routing(case: Case, T: int, rng) -> None:
     device_ids = cp.asnumpy(case.layer.ids[: T * case.spec.top_k])
     host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 1024,
                     settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
-    host_out = from_act(host.forward(x, logits, path=path), dtype)
+    # the fused path routes on the device: with routing on the host, 'auto' takes another path for T
+    host_out = from_act(host.forward(x, logits, path=host.choose_path(T)), dtype)
     np.testing.assert_array_equal(cp.asnumpy(host.ids[: T * case.spec.top_k]), device_ids)
     assert rel_err(host_out, device_out) <= LAYER_TOL[dtype]
 
 
-@pytest.mark.parametrize("path", ("decode", "grouped", "prefill", "stream"))
+@pytest.mark.parametrize("path", ("decode", "grouped", "fused", "prefill", "stream"))
 def test_path_is_graph_capturable(case: Case, path: str, rng) -> None:
-    if path in ("grouped", "stream"):
+    if path in ("grouped", "fused", "stream"):
         path_or_skip(case, path)
     spec = case.spec
-    T = 33 if path in tuning.ALIGNED_PATHS else 4
+    T = 33 if path in tuning.ALIGNED_PATHS else 1 if path == "fused" else 4
     x, logits = case.inputs(T, rng)
     out = cp.empty((T, spec.hidden_size), dtype=x.dtype)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -744,7 +799,7 @@ def test_profile_table_lists_each_phase(case: Case, rng) -> None:
         layer.forward(x, logits, path=path)
     small = layer.choose_path(1)
     table = layer.profile_table()
-    for phase in (f"{small}/route", f"{small}/gate_up_silu", f"{small}/down_combine", "prefill/align",
+    for phase in (*(f"{small}/{name}" for name in layer.phases(small)), "prefill/align",
                   "prefill/gate_up_silu", "prefill/down", "prefill/combine", "prefill/total"):
         assert phase in table
 

@@ -74,10 +74,15 @@ def smem_bytes(warps: int, tokens: int, matrices: int, row_tiles: int = 1) -> in
     return tokens * (warps * QK_K + 16) * MMA_BYTES + row_tiles * warps * matrices * ROWS_PER_CTA * tokens * 4
 
 
+XINT16_BYTES = QK_K * 2 + 8 * 4 + 8 * 4 + 16 * 4
+"""fg::XInt16::BYTES: a 256-value block of x or a as int16, with its 8 sub-block scales, 8 float sums
+and 16 int sums."""
+
+
 def int_dot_smem_bytes(warps: int, matrices: int) -> int:
-    """o1i: each warp's int16 copy of its block of x or a, with the block's 8 sub-block scales,
-    8 float sums and 16 int sums (fg::XInt16), and its partial sums of 16 rows a matrix."""
-    return warps * (QK_K * 2 + 8 * 4 + 8 * 4 + 16 * 4 + matrices * ROWS_PER_CTA * 4)
+    """o1i: each warp's int16 copy of its block of x or a (fg::XInt16), and its partial sums of 16 rows
+    a matrix."""
+    return warps * (XINT16_BYTES + matrices * ROWS_PER_CTA * 4)
 
 
 def supported(spec: MoeSpec) -> bool:
