@@ -14,7 +14,7 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   programmatic dependents (ferrum_gen/launch.py; FERRUM_MOE_PDL=0 turns it off): each starts
   while the kernel before it ends.
 - fused (one token, sm_90, where the tuning table picks it): one launch for the whole layer. A
-  grid of every resident CTA; each routes the token, bulk-copies its share of the gate+up and down
+  grid of every resident CTA; each routes the token, copies its share of the gate+up and down
   weights into shared memory at once, multiplies by integer dot products, and the CTAs meet once
   between gate+up and down (templates/fused_moe.cu.j2). All CTAs must be resident together: another
   kernel holding SMs at the same time delays it until it can be.
