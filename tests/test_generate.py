@@ -224,3 +224,28 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
             assert launch["ctas_per_sm"] * per_cta <= limit, (k.uri, arch)
         if launch["ctas_per_sm"] == stream.CTAS_PER_SM[-1]:
             assert k.variant.endswith(f"x{launch['ctas_per_sm']}") and launch["tile_n"] == 16 * stream.SMALL_WARPS
+
+
+def test_the_fused_kernels_rings_fit_and_give_each_slot_to_one_warp(spec) -> None:
+    """Every fused kernel's rings and buffers fit sm_90's shared memory beside its static routing arrays;
+    each ring slot's chunks go to one warp (gate+up chunk c to warp c % warps, down chunk c to warp
+    c % down chunks % down warps), the rule that lets a warp wait for a slot's phases in order; and no
+    ring has more slots than a CTA's share needs on a card of REFERENCE_SMS SMs."""
+    kernels = [k for k in enumerate_kernels(spec) if k.family == fused_moe.FAMILY]
+    if not fused_moe.supported(spec):
+        assert not kernels
+        return
+    geo = fused_moe.geometry(spec)
+    assert {k.variant for k in kernels} == set(fused_moe.VARIANTS)
+    warps, dn_warps = geo["warps"], geo["dn_warps"]
+    dn_chunks = spec.top_k * spec.intermediate_size // 256
+    assert (spec.hidden_size // 256) % warps == 0 and geo["gu_slots"] % warps == 0
+    assert geo["dn_slots"] % (dn_warps if dn_chunks % dn_warps == 0 else dn_chunks) == 0
+    gu_need = -(-geo["gu_units"] // fused_moe.REFERENCE_SMS) * (spec.hidden_size // 256)
+    dn_need = -(-geo["dn_units"] // fused_moe.REFERENCE_SMS) * dn_chunks
+    assert geo["gu_slots"] <= max(gu_need, warps) and geo["dn_slots"] <= max(dn_need, dn_warps, dn_chunks)
+    for k in kernels:
+        assert k.archs == (fused_moe.ARCH.value,) and k.launch["max_tokens"] == 1, k.uri
+        assert k.launch["threads"] == dn_warps * 32, k.uri
+        assert k.launch["smem_bytes"] == {fused_moe.ARCH.value: geo["smem"]}, k.uri
+        assert geo["smem"] + fused_moe.SMEM_MARGIN <= SMEM_LIMIT[fused_moe.ARCH], k.uri
