@@ -366,18 +366,17 @@ class MoeLayer:
         if path not in ("auto", *tuning.PATHS):
             raise ValueError(f"path={path!r}: use 'auto' or one of {tuning.PATHS}")
         choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
-        if choice.path == "fused" and path == "auto" and self.variant_refusal(
-                FUSED, choice.variants[FUSED], tokens) is not None:
-            # a table's fused entry where it cannot serve (routing on the host): the default rule instead
+        # the fused path has no other variant to give way to: where its kernel cannot serve the call (more
+        # than one token, routing on the host), 'auto' takes the default rule's path and a forced path fails
+        refusal = self.variant_refusal(FUSED, choice.variants[FUSED], tokens) if choice.path == "fused" else None
+        if refusal is not None and path == "auto":
             choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, None, path)
+        elif refusal is not None and not variants:
+            raise ValueError(f"the fused path's kernel {refusal}: use path='grouped', or 'auto'")
         # a variant that cannot serve this call (r8 beyond its tokens, or with routing on the host)
         # gives way to its family's default
         fitting = {f: v if self.variant_refusal(f, v, tokens) is None else self._default_variants[f]
                    for f, v in choice.variants.items()}
-        if choice.path == "fused" and not variants:
-            refusal = self.variant_refusal(FUSED, choice.variants[FUSED], tokens)
-            if refusal is not None:
-                raise ValueError(f"the fused path's kernel {refusal}: use path='grouped', or 'auto'")
         if fitting != dict(choice.variants):
             choice = dataclasses.replace(choice, variants=fitting)
         if not variants:
@@ -555,29 +554,27 @@ class MoeLayer:
             logits = self._logits_f32(lc, router_logits, T)
             if check_finite:
                 self._raise_on_non_finite(logits)
-            if choice.path == "fused":
-                self._fused(xc, logits, out_c, choice, stream)
-                self._phase("moe", stream, events)
-                if events is not None and stop_after is None:
-                    self._record_profile(choice.path, events)
-                return out_user
-            host = self.settings.host_route
-            if choice.path in tuning.ALIGNED_PATHS:
-                self._fit_aligned_scratch(self._block_size(choice))
-            if self.routes_in_gate_up(choice):
-                pass  # the gate+up kernel routes (its launch is the route phase's too)
-            elif host:
-                self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
+            if choice.path == "fused":  # one launch, which routes too
+                self._fused(xc, out_c, T, choice, stream, events, stop_after, logits=logits)
             else:
-                self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
-                             logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
-            self._phase("route", stream, events)
-            if stop_after != "route":
+                host = self.settings.host_route
                 if choice.path in tuning.ALIGNED_PATHS:
-                    run = functools.partial(self._prefill, plan_ready=host)
+                    self._fit_aligned_scratch(self._block_size(choice))
+                if self.routes_in_gate_up(choice):
+                    pass  # the gate+up kernel routes (its launch is the route phase's too)
+                elif host:
+                    self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
                 else:
-                    run = {"decode": self._decode, "grouped": functools.partial(self._grouped, logits=logits)}[choice.path]
-                run(xc, out_c, T, choice, stream, events, stop_after)
+                    self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
+                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
+                self._phase("route", stream, events)
+                if stop_after != "route":
+                    if choice.path in tuning.ALIGNED_PATHS:
+                        run = functools.partial(self._prefill, plan_ready=host)
+                    else:
+                        run = {"decode": self._decode,
+                               "grouped": functools.partial(self._grouped, logits=logits)}[choice.path]
+                    run(xc, out_c, T, choice, stream, events, stop_after)
         if events is not None and stop_after is None:
             self._record_profile(choice.path, events)
         return out_user
@@ -638,13 +635,17 @@ class MoeLayer:
                 w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
         ])
 
-    def _fused(self, xc: Any, logits: Any, out_c: Any, choice: tuning.Choice, stream: Any) -> None:
+    def _fused(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
+               stop_after: str | None, logits: Any) -> None:
         """One launch for the whole layer (one token): a grid of every resident CTA, which all meet once."""
         (kern,) = self.variants[FUSED][choice.variants[FUSED]]
-        self._launch(kern, (self._resident[kern.uri],), stream, kern.launch["smem_bytes"][self.bundle.arch],
-                     x=xc, logits=logits, ids=self.ids, weights=self.weights, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
-                     w_up_d=self.up.d, w_down=self.down.data, w_down_d=self.down.d, a=self.a_sorted,
-                     sync=self.fused_sync, out=out_c)
+        self._steps(stream, events, stop_after, [
+            ("moe", lambda: self._launch(
+                kern, (self._resident[kern.uri],), stream, kern.launch["smem_bytes"][self.bundle.arch],
+                x=xc, logits=logits, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
+                w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, w_down=self.down.data,
+                w_down_d=self.down.d, a=self.a_sorted, sync=self.fused_sync, out=out_c)),
+        ])
 
     def _prefill(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,
                  stop_after: str | None, plan_ready: bool) -> None:
