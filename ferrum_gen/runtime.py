@@ -76,9 +76,9 @@ PHASES = {
 }
 """The phases of each path, in launch order; forward(stop_after=...) cuts after one of them."""
 
-PDL_PATHS = ("grouped", "stream")
-"""The paths whose kernels after the router wait for the kernel before them (fg::grid_wait), so that
-they may be launched as programmatic dependents (MoeLayer.uses_pdl)."""
+PDL_PATHS = ("grouped", "stream", "fused")
+"""The paths whose kernels, the first of a call included, wait for the kernel before them
+(fg::grid_wait), so that they may be launched as programmatic dependents (MoeLayer.uses_pdl)."""
 
 REPO_GENERATED = Path(__file__).resolve().parent.parent / "generated"
 """The repository's generated/ directory (a source checkout or editable install): its tuning tables."""
@@ -492,13 +492,17 @@ class MoeLayer:
         return "on" if self.pdl_off_reason is None else self.pdl_off_reason
 
     def uses_pdl(self, choice: tuning.Choice) -> bool:
-        """Whether this call's kernels after the router are launched as programmatic dependents, where
-        PDL is usable (pdl_off_reason), with the router kernel first (its ids are what the grouped
-        down reads before it waits for gate+up; the stream path's align reads them):
+        """Whether this call's kernels are launched as programmatic dependents, where PDL is usable
+        (pdl_off_reason). The first (the router, or the fused kernel) is then a dependent of whatever
+        precedes the layer in the stream: it waits for that kernel's end before it reads anything,
+        so only its launch overlaps that kernel (and the layer's last kernel lets the next launch
+        start early: grouped down, the combine, the fused kernel). After the router (whose ids the
+        grouped down reads before it waits for gate+up; the stream path's align reads them):
         - grouped path: gate+up and down;
         - stream path: align (and align_count), gate+up, down and combine; down copies its first
           weights before it waits (stream.cuh's EARLY_WEIGHTS).
-        Not the prefill path, whose GEMM kernels do not wait."""
+        Not the prefill path, whose GEMM kernels do not wait, nor a grouped gate+up that routes
+        (down would read ids before they are written), nor host routing (ids come by copies)."""
         return (self._dependent is not None and choice.path in PDL_PATHS and not self.settings.host_route
                 and not self.routes_in_gate_up(choice))
 
@@ -566,7 +570,8 @@ class MoeLayer:
                     self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
                 else:
                     self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
-                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T)
+                                 dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
+                                 num_tokens=T)
                 self._phase("route", stream, events)
                 if stop_after != "route":
                     if choice.path in tuning.ALIGNED_PATHS:
@@ -642,7 +647,7 @@ class MoeLayer:
         self._steps(stream, events, stop_after, [
             ("moe", lambda: self._launch(
                 kern, (self._resident[kern.uri],), stream, kern.launch["smem_bytes"][self.bundle.arch],
-                x=xc, logits=logits, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
+                self.uses_pdl(choice), x=xc, logits=logits, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
                 w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, w_down=self.down.data,
                 w_down_d=self.down.d, a=self.a_sorted, sync=self.fused_sync, out=out_c)),
         ])

@@ -525,6 +525,68 @@ def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launche
         assert_graph_replays_match(case, plain, T, "stream", rng)
 
 
+LATE_COPY = r"""
+extern "C" __global__ void late_copy(const unsigned char* x_src, unsigned char* x, long long x_bytes,
+                                     const unsigned char* l_src, unsigned char* l, long long l_bytes, long long spin) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {}
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = blockIdx.x * blockDim.x + threadIdx.x; i < x_bytes; i += step) x[i] = x_src[i];
+  for (long long i = blockIdx.x * blockDim.x + threadIdx.x; i < l_bytes; i += step) l[i] = l_src[i];
+}
+"""
+"""A kernel that lets its programmatic dependents start at once and writes a call's inputs only
+after a spin of ~50 us: a dependent that read them before its fg::grid_wait would see poison."""
+
+
+@pytest.mark.parametrize("path", ("grouped", "fused", "stream"))
+def test_calls_launched_as_dependents_wait_for_the_kernels_before_them(case: Case, path: str, rng) -> None:
+    """With PDL a call's first kernel (the router, or the fused kernel) is a programmatic dependent
+    of the kernel before it in the stream, and the call's last kernel lets the next launch start early.
+    A kernel that triggers at once and writes x and the logits late precedes the first of two calls
+    back to back (the second overwrites the routing and scratch that the first's last kernel reads).
+    Both outputs have the bits of plain launches, eagerly and replayed from a captured graph."""
+    path_or_skip(case, path)
+    plain = plain_launch_layer_or_skip(case, 16)
+    late_copy = cp.RawKernel(LATE_COPY, "late_copy")
+    T = {"fused": 1, "grouped": 3, "stream": 9}[path]
+    (x_src, l_src), (x2, l2) = case.inputs(T, rng), case.inputs(T, rng)
+    x, logits = cp.empty_like(x_src), cp.empty_like(l_src)
+    outs = [cp.empty((T, case.spec.hidden_size), dtype=x.dtype) for _ in range(2)]
+
+    def calls(layer) -> None:
+        for buf in (x, logits, *outs):
+            poison(buf)
+        late_copy((8,), (256,), (x_src, x, cp.int64(x.nbytes), l_src, logits, cp.int64(logits.nbytes),
+                                 cp.int64(100_000)))
+        layer.forward(x, logits, out=outs[0], path=path)
+        layer.forward(x2, l2, out=outs[1], path=path)
+
+    assert case.layer.uses_pdl(case.layer.choose(T, path)) and not plain.uses_pdl(plain.choose(T, path))
+    cp.cuda.Device().synchronize()  # the inputs were written on the default stream
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        calls(plain)
+        want = [o.copy() for o in outs]
+        calls(case.layer)
+        got = [o.copy() for o in outs]
+        stream.begin_capture()
+        calls(case.layer)
+        graph = stream.end_capture()
+        for buf in (x, logits, *outs):
+            poison(buf)
+        graph.launch(stream)
+        replayed = [o.copy() for o in outs]
+    stream.synchronize()
+    for i, w in enumerate(want):
+        assert not bool(cp.isnan(from_act(w, case.spec.activation_dtype)).any()), f"call {i}: plain launches gave NaN"
+        cp.testing.assert_array_equal(got[i], w, err_msg=f"{path}, T = {T}, call {i}, eager")
+        cp.testing.assert_array_equal(replayed[i], w, err_msg=f"{path}, T = {T}, call {i}, graph replay")
+
+
 def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_states_it(case: Case) -> None:
     from ferrum_gen.runtime import block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
 
