@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import __version__, reference
-from .families.fused_moe import supported as fused_supported
+from .families.fused_moe import max_tokens as fused_max_tokens
 from .families.grouped import supported as grouped_supported
 from .families.stream import supported as stream_supported
 from .quant import dequantize, random_matrix_bytes, row_bytes
@@ -324,15 +324,15 @@ def make_split(cumulative_us: dict[str, float], whole_us: float, tolerance: floa
 def paths_at(tokens: int, spec: MoeSpec, paths: Sequence[str], decode_up_to: int = DECODE_UP_TO,
              prefill_from: int = PREFILL_FROM) -> list[str]:
     """The paths timed at T: auto always, decode and grouped up to decode_up_to (decode also within
-    the grid limit), fused at T = 1, prefill and stream from prefill_from. A spec without grouped,
-    fused or stream kernels skips that path."""
+    the grid limit), fused up to its kernels' largest token count, prefill and stream from
+    prefill_from. A spec without grouped, fused or stream kernels skips that path."""
     out = []
     for path in paths:
         if path == "decode" and (tokens > decode_up_to or tokens * spec.top_k > DECODE_MAX_PAIRS):
             continue
         if path == "grouped" and (tokens > decode_up_to or not grouped_supported(spec)):
             continue
-        if path == "fused" and (tokens > 1 or not fused_supported(spec)):
+        if path == "fused" and tokens > fused_max_tokens(spec):
             continue
         if path in ("prefill", "stream") and tokens < prefill_from:
             continue

@@ -13,8 +13,9 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   two launches. Otherwise, on sm_90+ with cuda-bindings, gate+up and down are launched as
   programmatic dependents (ferrum_gen/launch.py; FERRUM_MOE_PDL=0 turns it off): each starts
   while the kernel before it ends.
-- fused (one token, sm_90, where the tuning table picks it): one launch for the whole layer. A
-  grid of every resident CTA; each routes the token, copies its share of the gate+up and down
+- fused (one or two tokens, sm_90, where the tuning table picks it): one launch for the whole
+  layer, a kernel per token count. A grid of every resident CTA; each routes the tokens (and is a
+  programmatic dependent of the kernel before it), copies its share of the gate+up and down
   weights into shared memory at once, multiplies by integer dot products, and the CTAs meet once
   between gate+up and down (templates/fused_moe.cu.j2). All CTAs must be resident together: another
   kernel holding SMs at the same time delays it until it can be.
@@ -366,13 +367,20 @@ class MoeLayer:
         if path not in ("auto", *tuning.PATHS):
             raise ValueError(f"path={path!r}: use 'auto' or one of {tuning.PATHS}")
         choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, self.tuning, path)
-        # the fused path has no other variant to give way to: where its kernel cannot serve the call (more
-        # than one token, routing on the host), 'auto' takes the default rule's path and a forced path fails
-        refusal = self.variant_refusal(FUSED, choice.variants[FUSED], tokens) if choice.path == "fused" else None
+        # A fused kernel serves one token count: the call takes the kernel of the chosen one's copy form
+        # for its count. Where none serves the call (too many tokens, routing on the host), 'auto' takes
+        # the default rule's path and a forced path fails.
+        refusal = None
+        if choice.path == "fused":
+            served = self._fused_variant(choice.variants[FUSED], tokens)
+            if served is None:
+                refusal = self._fused_refusal(tokens)
+            elif served != choice.variants[FUSED]:
+                choice = dataclasses.replace(choice, variants={FUSED: served})
         if refusal is not None and path == "auto":
             choice = tuning.choose(self.spec, tokens, self.variants, self._default_variants, None, path)
         elif refusal is not None and not variants:
-            raise ValueError(f"the fused path's kernel {refusal}: use path='grouped', or 'auto'")
+            raise ValueError(f"the fused path: {refusal}; use path='grouped', or 'auto'")
         # a variant that cannot serve this call (r8 beyond its tokens, or with routing on the host)
         # gives way to its family's default
         fitting = {f: v if self.variant_refusal(f, v, tokens) is None else self._default_variants[f]
@@ -402,9 +410,29 @@ class MoeLayer:
         launch = self.variants[family][variant][0].launch
         if tokens > launch.get("max_tokens", math.inf):
             return f"serves at most {launch['max_tokens']} tokens, not {tokens}"
+        if tokens != launch.get("tokens", tokens):
+            return f"serves exactly {launch['tokens']} token{'s' if launch['tokens'] > 1 else ''}, not {tokens}"
         if launch.get("routes") and self.settings.host_route:
             return "routes on the device, and FERRUM_MOE_HOST_ROUTE=1 asks for routing on the host"
         return None
+
+    def _fused_variant(self, variant: str, tokens: int) -> str | None:
+        """The fused kernel for a call of `tokens` tokens: `variant` where it serves them, else the one
+        that fills its rings the same way for that count, else the first that serves it; None where
+        none does."""
+        serving = [v for v in self.variants[FUSED] if self.variant_refusal(FUSED, v, tokens) is None]
+        if variant in serving:
+            return variant
+        form = self.variants[FUSED][variant][0].launch["bulk_copies"]
+        same = [v for v in serving if self.variants[FUSED][v][0].launch["bulk_copies"] == form]
+        return (same or serving or [None])[0]
+
+    def _fused_refusal(self, tokens: int) -> str:
+        """Why no fused kernel serves a call of `tokens` tokens."""
+        counts = sorted({kerns[0].launch["tokens"] for kerns in self.variants[FUSED].values()})
+        if tokens not in counts:
+            return f"its kernels serve {' or '.join(map(str, counts))} tokens, not {tokens}"
+        return f"its kernel {self.variant_refusal(FUSED, next(iter(self.variants[FUSED])), tokens)}"
 
     def routes_in_gate_up(self, choice: tuning.Choice) -> bool:
         """Whether the chosen gate+up kernel is also the router (no router launch)."""

@@ -13,7 +13,7 @@ import pytest
 
 from ferrum_gen import bench
 from ferrum_gen.cli import main
-from ferrum_gen.families.fused_moe import supported as fused_supported
+from ferrum_gen.families import fused_moe
 from ferrum_gen.families.grouped import supported as grouped_supported
 from ferrum_gen.families.stream import supported as stream_supported
 from ferrum_gen.spec import SpecError, load_spec, shipped_spec_names
@@ -250,9 +250,10 @@ def test_paths_at_follows_the_default_limits(name: str) -> None:
     spec = load_spec(name)
     grouped = ["grouped"] if grouped_supported(spec) else []
     stream = ["stream"] if stream_supported(spec) else []
-    fused = ["fused"] if fused_supported(spec) else []  # one token only
-    assert bench.paths_at(1, spec, bench.PATHS) == ["auto", "decode", *grouped, *fused]
-    assert bench.paths_at(2, spec, bench.PATHS) == ["auto", "decode", *grouped]
+    fused_up_to = fused_moe.max_tokens(spec)
+    for T in (1, 2, 3):
+        fused = ["fused"] if T <= fused_up_to else []
+        assert bench.paths_at(T, spec, bench.PATHS) == ["auto", "decode", *grouped, *fused]
     assert bench.paths_at(8, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill", *stream]
     assert bench.paths_at(64, spec, bench.PATHS) == ["auto", "decode", *grouped, "prefill", *stream]
     assert bench.paths_at(128, spec, bench.PATHS) == ["auto", "prefill", *stream]

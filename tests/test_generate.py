@@ -230,22 +230,31 @@ def test_the_fused_kernels_rings_fit_and_give_each_slot_to_one_warp(spec) -> Non
     """Every fused kernel's rings and buffers fit sm_90's shared memory beside its static routing arrays;
     each ring slot's chunks go to one warp (gate+up chunk c to warp c % warps, down chunk c to warp
     c % down chunks % down warps), the rule that lets a warp wait for a slot's phases in order; and no
-    ring has more slots than a CTA's share needs on a card of REFERENCE_SMS SMs."""
+    ring has more slots than a CTA's share needs on a card of REFERENCE_SMS SMs. A spec has the
+    one-token kernels wherever it has a fused path, and a token count's kernels wherever they fit."""
     kernels = [k for k in enumerate_kernels(spec) if k.family == fused_moe.FAMILY]
     if not fused_moe.supported(spec):
-        assert not kernels
+        assert not kernels and fused_moe.max_tokens(spec) == 0
         return
-    geo = fused_moe.geometry(spec)
-    assert {k.variant for k in kernels} == set(fused_moe.VARIANTS)
-    warps, dn_warps = geo["warps"], geo["dn_warps"]
-    dn_chunks = spec.top_k * spec.intermediate_size // 256
-    assert (spec.hidden_size // 256) % warps == 0 and geo["gu_slots"] % warps == 0
-    assert geo["dn_slots"] % (dn_warps if dn_chunks % dn_warps == 0 else dn_chunks) == 0
-    gu_need = -(-geo["gu_units"] // fused_moe.REFERENCE_SMS) * (spec.hidden_size // 256)
-    dn_need = -(-geo["dn_units"] // fused_moe.REFERENCE_SMS) * dn_chunks
-    assert geo["gu_slots"] <= max(gu_need, warps) and geo["dn_slots"] <= max(dn_need, dn_warps, dn_chunks)
-    for k in kernels:
-        assert k.archs == (fused_moe.ARCH.value,) and k.launch["max_tokens"] == 1, k.uri
-        assert k.launch["threads"] == dn_warps * 32, k.uri
-        assert k.launch["smem_bytes"] == {fused_moe.ARCH.value: geo["smem"]}, k.uri
-        assert geo["smem"] + fused_moe.SMEM_MARGIN <= SMEM_LIMIT[fused_moe.ARCH], k.uri
+    for tokens in sorted({t for t, _, _ in fused_moe.VARIANTS.values()}):
+        geo = fused_moe.geometry(spec, tokens)
+        mine = [k for k in kernels if k.launch["tokens"] == tokens]
+        named = {v for v, (t, _, _) in fused_moe.VARIANTS.items() if t == tokens}
+        if geo is None:
+            assert tokens > 1 and not mine and fused_moe.max_tokens(spec) < tokens
+            continue
+        assert {k.variant for k in mine} == named and fused_moe.max_tokens(spec) >= tokens
+        warps, dn_warps = geo["warps"], geo["dn_warps"]
+        dn_chunks = tokens * spec.top_k * spec.intermediate_size // 256
+        assert geo["dn_chunks"] == dn_chunks and geo["gu_units"] == dn_chunks * 256 // 16
+        assert (spec.hidden_size // 256) % warps == 0 and geo["gu_slots"] % warps == 0
+        assert geo["dn_slots"] % (dn_warps if dn_chunks % dn_warps == 0 else dn_chunks) == 0
+        gu_need = -(-geo["gu_units"] // fused_moe.REFERENCE_SMS) * (spec.hidden_size // 256)
+        dn_need = -(-geo["dn_units"] // fused_moe.REFERENCE_SMS) * dn_chunks
+        assert geo["gu_slots"] <= max(gu_need, warps) and geo["dn_slots"] <= max(dn_need, dn_warps, dn_chunks)
+        assert dn_warps > tokens and 16 * tokens <= dn_warps * 32  # routing warps, and the combine's threads
+        for k in mine:
+            assert k.archs == (fused_moe.ARCH.value,) and f"_f{tokens}" in k.uri, k.uri
+            assert k.launch["threads"] == dn_warps * 32, k.uri
+            assert k.launch["smem_bytes"] == {fused_moe.ARCH.value: geo["smem"]}, k.uri
+            assert geo["smem"] + fused_moe.SMEM_MARGIN <= SMEM_LIMIT[fused_moe.ARCH], k.uri

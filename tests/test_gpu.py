@@ -620,18 +620,31 @@ def test_every_variant_of_the_bundle_is_exercised(case: Case) -> None:
         assert usable == {fv for fv in manifest_variants if fv[0] in case.layer.variants}
 
 
-# --- the fused path (one token, one launch) -----------------------------------------------------
+# --- the fused path (one or two tokens, one launch) ---------------------------------------------
 
-def test_fused_kernels_match_reference(case: Case, rng) -> None:
-    """Every fused variant against the reference: a, the output, the routing it hands back, and the
-    arrival counters left at zero for the next launch; normal routing and every token's experts fixed."""
+FUSED_TOKEN_COUNTS = (1, 2)
+
+
+def fused_or_skip(case: Case, T: int) -> None:
+    from ferrum_gen.families import fused_moe
+
     path_or_skip(case, "fused")
+    if T > fused_moe.max_tokens(case.spec):
+        pytest.skip(f"spec {case.spec.name}'s fused rings for {T} tokens do not fit sm_90's shared memory")
+
+
+@pytest.mark.parametrize("T", FUSED_TOKEN_COUNTS)
+def test_fused_kernels_match_reference(case: Case, T: int, rng) -> None:
+    """Every fused variant for T tokens against the reference: a, the output, the routing it hands
+    back, and the arrival counters left at zero for the next launch; normal routing, and every token
+    on the same experts (two tokens: each expert's blocks read for both)."""
+    fused_or_skip(case, T)
     spec = case.spec
     tol = LAYER_TOL[spec.activation_dtype]
-    k = spec.top_k
+    k = T * spec.top_k
     mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
-    for variants in variant_sets(case.layer, "fused", 1):
-        for routing, x, logits in routed_inputs(case, 1, rng):
+    for variants in variant_sets(case.layer, "fused", T):
+        for routing, x, logits in routed_inputs(case, T, rng):
             out = case.run(x, logits, "fused", variants)
             ref_out, ref_a, _, ids, w = case.reference(x, logits)
             where = (variants, routing)
@@ -642,11 +655,12 @@ def test_fused_kernels_match_reference(case: Case, rng) -> None:
             assert not bool(case.layer.fused_sync.any()), "the arrival counters were not reset"
 
 
-def test_fused_path_is_deterministic_and_agrees_with_grouped(case: Case, rng) -> None:
-    path_or_skip(case, "fused")
+@pytest.mark.parametrize("T", FUSED_TOKEN_COUNTS)
+def test_fused_path_is_deterministic_and_agrees_with_grouped(case: Case, T: int, rng) -> None:
+    fused_or_skip(case, T)
     dtype = case.spec.activation_dtype
-    x, logits = case.inputs(1, rng)
-    for variants in variant_sets(case.layer, "fused", 1):
+    x, logits = case.inputs(T, rng)
+    for variants in variant_sets(case.layer, "fused", T):
         first = case.run(x, logits, "fused", variants).copy()
         second = case.run(x, logits, "fused", variants)
         cp.testing.assert_array_equal(first, second)  # the same bits: fixed orders throughout
@@ -654,24 +668,35 @@ def test_fused_path_is_deterministic_and_agrees_with_grouped(case: Case, rng) ->
         assert rel_err(from_act(first, dtype), grouped) <= LAYER_TOL[dtype], variants
 
 
-def test_fused_path_serves_one_token_with_device_routing(case: Case, rng) -> None:
-    """Two tokens, or routing on the host, are refused by name when the fused path is forced, and
-    'auto' never picks it for them; a NaN logit still gives the NaN row."""
+def test_fused_path_serves_its_token_counts_with_device_routing(case: Case, rng) -> None:
+    """More tokens than its kernels serve, or routing on the host, are refused by name when the fused
+    path is forced, and 'auto' never picks it for them; a forced one-token variant takes its copy
+    form's kernel for two tokens (where the spec has them); a NaN logit gives that token's NaN row."""
+    from ferrum_gen.families import fused_moe
     from ferrum_gen.runtime import MoeLayer
 
     path_or_skip(case, "fused")
-    x, logits = case.inputs(2, rng)
-    with pytest.raises(ValueError, match="serves at most 1 tokens, not 2"):
+    most = fused_moe.max_tokens(case.spec)
+    x, logits = case.inputs(most + 1, rng)
+    with pytest.raises(ValueError, match=f"serve .*tokens, not {most + 1}"):
         case.layer.forward(x, logits, path="fused")
-    assert case.layer.choose(2).path != "fused"
+    assert case.layer.choose(most + 1).path != "fused"
+    with pytest.raises(ValueError, match=f"serves exactly 1 token, not {most + 1}"):
+        case.layer.forward(x, logits, path="fused", variants={"fused_moe": "f1b"})
+    if most >= 2:
+        (served,) = case.layer.choose(2, "fused").variants.values()
+        assert case.layer.variant_refusal("fused_moe", served, 2) is None
+        assert case.layer._fused_variant("f1b", 2) == case.layer._fused_variant("f1", 2) == "f2b"
     host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 4,
                     settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
     with pytest.raises(ValueError, match="FERRUM_MOE_HOST_ROUTE=1"):
         host.forward(x[:1], logits[:1], path="fused")
     assert host.choose(1).path != "fused"
-    logits[0, 3] = np.nan
-    out = from_act(case.run(x[:1], logits[:1], "fused"), case.spec.activation_dtype)
-    assert bool(cp.isnan(out).all())
+    for T in range(1, most + 1):
+        bad = logits[:T].copy()
+        bad[T - 1, 3] = np.nan
+        out = from_act(case.run(x[:T], bad, "fused"), case.spec.activation_dtype)
+        assert bool(cp.isnan(out[T - 1]).all()) and not bool(cp.isnan(out[: T - 1]).any()), T
 
 
 # --- the whole layer ----------------------------------------------------------------------------
@@ -921,7 +946,11 @@ def test_prebuilt_bundle_loads_without_compiler_and_refuses_mismatches(tmp_path,
 def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> None:
     """The tests above launch every family listed here; a new family must get tests of its own."""
     families = {e["family"] for e in case.bundle.manifest["kernels"]}
+    from ferrum_gen.families import fused_moe
+
     optional = {f for path in ("grouped", "stream") if tuning.path_available(path, case.layer.variants)
                 for f in tuning.PATH_FAMILIES[path]}
+    if fused_moe.supported(case.spec):  # in the bundle for every arch; run (and tested) on sm_90
+        optional.add(fused_moe.FAMILY)
     assert families == {"router", "align_count", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
                         "gemm_down", "combine"} | optional

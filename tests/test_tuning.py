@@ -218,12 +218,12 @@ def test_a_spec_without_variants_gets_only_the_default_kernels() -> None:
     # row tiles a CTA, the one-token forms by mma and by integer dot products, the few-pairs forms)
     # and the stream kernels' (one per block
     # size from 16 to 64) are not spec keys: they come with every bundle
-    # and the fused kernel's (one a way of filling its rings, sm_90 only)
+    # and the fused kernel's (one a token count and way of filling its rings, sm_90 only)
     fixed = set(tuning.PATH_FAMILIES["grouped"]) | set(tuning.PATH_FAMILIES["stream"]) | {"fused_moe"}
     assert {f: set(v) for f, v in available.items() if f not in fixed} == \
         {f: {d} for f, d in defaults.items() if f not in fixed}
     assert not available.get("fused_moe")  # sm_80
-    assert set(manifest_variants(spec, arch="sm_90")[0]["fused_moe"]) == {"f1", "f1d", "f1b"}
+    assert set(manifest_variants(spec, arch="sm_90")[0]["fused_moe"]) == {"f1", "f1d", "f1b", "f2b"}
     assert set(available["grouped_gate_up_silu"]) == {"t8", "t16", "r8", "o1", "o1i", "p64", "p128"}
     assert set(available["grouped_down_combine"]) == {"t8", "t16", "t8m32", "t8m64", "o1", "o1m32", "o1m64", "o1i", "p64",
                                                       "p64m32", "p64m64", "p128", "p128m32", "p128m64"}
