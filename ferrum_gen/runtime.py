@@ -429,10 +429,11 @@ class MoeLayer:
 
     def _fused_refusal(self, tokens: int) -> str:
         """Why no fused kernel serves a call of `tokens` tokens."""
-        counts = sorted({kerns[0].launch["tokens"] for kerns in self.variants[FUSED].values()})
-        if tokens not in counts:
-            return f"its kernels serve {' or '.join(map(str, counts))} tokens, not {tokens}"
-        return f"its kernel {self.variant_refusal(FUSED, next(iter(self.variants[FUSED])), tokens)}"
+        counts = {v: kerns[0].launch["tokens"] for v, kerns in self.variants[FUSED].items()}
+        if tokens not in counts.values():
+            return f"its kernels serve {' or '.join(map(str, sorted(set(counts.values()))))} tokens, not {tokens}"
+        for_count = next(v for v, n in counts.items() if n == tokens)
+        return f"its kernel {self.variant_refusal(FUSED, for_count, tokens)}"
 
     def routes_in_gate_up(self, choice: tuning.Choice) -> bool:
         """Whether the chosen gate+up kernel is also the router (no router launch)."""

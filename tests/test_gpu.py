@@ -689,9 +689,10 @@ def test_fused_path_serves_its_token_counts_with_device_routing(case: Case, rng)
         assert case.layer._fused_variant("f1b", 2) == case.layer._fused_variant("f1", 2) == "f2b"
     host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], 4,
                     settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
-    with pytest.raises(ValueError, match="FERRUM_MOE_HOST_ROUTE=1"):
-        host.forward(x[:1], logits[:1], path="fused")
-    assert host.choose(1).path != "fused"
+    for T in range(1, most + 1):
+        with pytest.raises(ValueError, match="its kernel routes on the device, and FERRUM_MOE_HOST_ROUTE=1"):
+            host.forward(x[:T], logits[:T], path="fused")
+        assert host.choose(T).path != "fused"
     for T in range(1, most + 1):
         bad = logits[:T].copy()
         bad[T - 1, 3] = np.nan

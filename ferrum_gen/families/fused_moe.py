@@ -57,7 +57,7 @@ def geometry(spec: MoeSpec, tokens: int = 1) -> dict[str, int] | None:
     slots a warp, down's ring holds it and gate+up's takes the rest (gate+up's chunks are consumed
     while the copies stream). Elsewhere the two rings share the room in proportion to their needs.
     a's int16 blocks take gate+up's ring once the CTAs have met. (Copying down's chunks that its
-    ring cannot hold into the rest of gate+up's ring before the CTAs meet lost 1.5-3 %: those
+    ring cannot hold into the rest of gate+up's ring before the CTAs meet lost 0.3-3 %: those
     copies slow the last CTAs' gate+up, which the meeting waits for; docs/perf-notes.md.)"""
     H, I = spec.hidden_size, spec.intermediate_size
     pairs = tokens * spec.top_k
@@ -168,6 +168,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             Arg("out", f"{ACT_CTYPE[dtype]}*"),
         ),
         launch={"threads": geo["dn_warps"] * 32, "grid": "resident CTAs (one an SM), all at once",
-                "tokens": tokens, "bulk_copies": [gu_bulk, dn_bulk], "routes": True, "integer_dot": True, "gate_up_units": geo["gu_units"],
-                "down_units": geo["dn_units"], "smem_bytes": {ARCH.value: geo["smem"]}},
+                "tokens": tokens, "bulk_copies": [gu_bulk, dn_bulk], "routes": True, "integer_dot": True,
+                "gate_up_units": geo["gu_units"], "down_units": geo["dn_units"], "smem_bytes": {ARCH.value: geo["smem"]}},
     ) for variant, (tokens, gu_bulk, dn_bulk) in VARIANTS.items() if (geo := geos[tokens]) is not None]
