@@ -251,8 +251,9 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     """The path and variants for `tokens`.
 
     available: family -> {variant: kernels} usable on this card; defaults: family -> default
-    variant. path: "auto" (table, else the default rule) or one of PATHS (forced path,
-    variants still from the table when its bucket chose that path).
+    variant. path: "auto" (table, else the default rule) or one of PATHS (forced path, variants
+    still from the table: its bucket's choice when that is the path, else the path's candidate
+    the tuner timed fastest in that bucket, else the defaults).
     """
     entry = table.lookup(tokens) if table is not None else None
     if entry is not None and not path_available(entry.path, available):
@@ -265,13 +266,36 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
         raise ValueError(f"the {path} path has no kernels in this bundle (families {PATH_FAMILIES[path]})")
     variants = {}
     use_entry = entry is not None and entry.path == path
+    timed = fastest_timed(entry, path, available) if entry is not None and not use_entry else None
     for family in PATH_FAMILIES[path]:
-        want = entry.variants.get(family) if use_entry else None
+        want = entry.variants.get(family) if use_entry else timed.get(family) if timed else None
         variants[family] = want if want in available.get(family, {}) else defaults[family]
     if path in LOCKSTEP_PATHS:
         variants = lockstep(path, variants[PATH_FAMILIES[path][0]], available, defaults)
-    source = f"tuning table {table.source}, bucket {entry.bucket}" if use_entry else DEFAULT_RULE
+    if use_entry:
+        source = f"tuning table {table.source}, bucket {entry.bucket}"
+    elif timed:
+        source = f"tuning table {table.source}, bucket {entry.bucket}: the fastest {path} candidate timed there"
+    else:
+        source = DEFAULT_RULE
     return Choice(path, variants, source)
+
+
+def fastest_timed(entry: TuningEntry, path: str, available: Mapping[str, Mapping[str, Any]]) -> dict[str, str] | None:
+    """family -> variant of the `path` candidate with the least time in the entry's record (the tuner's
+    sum over its runs) among those this card can run; None where the record has none. A candidate is
+    recorded as "path:family=variant,family=variant" (tune.Candidate.name)."""
+    best: tuple[float, dict[str, str]] | None = None
+    for name, us in entry.timings_us.items():
+        cand_path, _, rest = name.partition(":")
+        if cand_path != path or not rest:
+            continue
+        variants = dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
+        if set(variants) != set(PATH_FAMILIES[path]) or any(v not in available.get(f, {}) for f, v in variants.items()):
+            continue
+        if best is None or us < best[0]:
+            best = (us, variants)
+    return best[1] if best else None
 
 
 def lockstep(path: str, variant: str, available: Mapping[str, Mapping[str, Any]],

@@ -70,6 +70,44 @@ def test_a_tuning_table_changes_the_runtimes_choice(spec) -> None:
     assert forced.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES["prefill"]}
 
 
+def test_a_forced_path_takes_its_fastest_candidate_timed_in_the_bucket(spec) -> None:
+    """Where the bucket chose another path, a forced path takes the variants the tuner timed fastest
+    for it there (among those the card can run), and the defaults where it timed none."""
+    available, defaults = manifest_variants(spec)
+    gemv = sorted(available["gemv_gate_up_silu"])
+    down = sorted(available["gemv_down_combine"])
+    timings = {
+        f"decode:gemv_gate_up_silu={gemv[-1]},gemv_down_combine={down[0]}": 50.0,
+        f"decode:gemv_gate_up_silu={gemv[0]},gemv_down_combine={down[-1]}": 40.0,
+        "decode:gemv_gate_up_silu=w999,gemv_down_combine=w999": 10.0,  # not in this bundle: skipped
+        "prefill:gemm_gate_up_silu=n32,gemm_down=n64": 5.0,
+    }
+    table = table_for(spec, [tuning.TuningEntry(4, "prefill", dict(defaults), timings)])
+    forced = tuning.choose(spec, 3, available, defaults, table, path="decode")
+    assert forced.variants == {"gemv_gate_up_silu": gemv[0], "gemv_down_combine": down[-1]}
+    assert "bucket 4: the fastest decode candidate timed there" in forced.source
+    untimed = table_for(spec, [tuning.TuningEntry(4, "prefill", dict(defaults))])
+    plain = tuning.choose(spec, 3, available, defaults, untimed, path="decode")
+    assert plain.variants == {f: defaults[f] for f in tuning.PATH_FAMILIES["decode"]}
+    assert plain.source == tuning.DEFAULT_RULE
+
+
+def test_committed_tables_give_a_forced_path_its_fastest_timed_variants() -> None:
+    """qwen3moe's bucket 1 chose the fused path; forcing grouped there takes the grouped pair the
+    tuner timed fastest in that bucket, not the defaults."""
+    from ferrum_gen.runtime import REPO_GENERATED
+
+    spec = load_spec("qwen3moe")
+    available, defaults = manifest_variants(spec)
+    table = tuning.TuningTable.load(tuning.table_path(REPO_GENERATED / spec.name, GPU))
+    entry = table.lookup(1)
+    assert entry.path == "fused"
+    grouped = {k: v for k, v in entry.timings_us.items() if k.startswith("grouped:")}
+    fastest = min(grouped, key=grouped.get)
+    forced = tuning.choose(spec, 1, available, defaults, table, path="grouped")
+    assert "grouped:" + ",".join(f"{f}={forced.variants[f]}" for f in tuning.PATH_FAMILIES["grouped"]) == fastest
+
+
 def test_a_variant_the_card_cannot_run_falls_back_to_the_default() -> None:
     spec = load_spec("qwen3moe")
     available, defaults = manifest_variants(spec, arch="sm_89")
