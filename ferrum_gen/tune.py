@@ -57,7 +57,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return self.path + ":" + ",".join(f"{f}={v}" for f, v in self.variants)
+        return tuning.candidate_name(self.path, self.variants)
 
 
 def candidates(layer, bucket: int) -> list[Candidate]:

@@ -281,16 +281,26 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     return Choice(path, variants, source)
 
 
+def candidate_name(path: str, variants: Iterable[tuple[str, str]]) -> str:
+    """A timed candidate's key in a table's record (TuningEntry.timings_us): "path:family=variant,...",
+    the families in the path's order."""
+    return path + ":" + ",".join(f"{f}={v}" for f, v in variants)
+
+
+def candidate_variants(name: str) -> tuple[str, dict[str, str]]:
+    """(path, family -> variant) of a candidate_name."""
+    path, _, rest = name.partition(":")
+    return path, dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
+
+
 def fastest_timed(entry: TuningEntry, path: str, available: Mapping[str, Mapping[str, Any]]) -> dict[str, str] | None:
     """family -> variant of the `path` candidate with the least time in the entry's record (the tuner's
-    sum over its runs) among those this card can run; None where the record has none. A candidate is
-    recorded as "path:family=variant,family=variant" (tune.Candidate.name)."""
+    sum over its runs) among those this card can run; None where the record has none."""
     best: tuple[float, dict[str, str]] | None = None
     for name, us in entry.timings_us.items():
-        cand_path, _, rest = name.partition(":")
-        if cand_path != path or not rest:
+        cand_path, variants = candidate_variants(name)
+        if cand_path != path:
             continue
-        variants = dict(pair.split("=", 1) for pair in rest.split(",") if "=" in pair)
         if set(variants) != set(PATH_FAMILIES[path]) or any(v not in available.get(f, {}) for f, v in variants.items()):
             continue
         if best is None or us < best[0]:
