@@ -668,6 +668,30 @@ def test_fused_path_is_deterministic_and_agrees_with_grouped(case: Case, T: int,
         assert rel_err(from_act(first, dtype), grouped) <= LAYER_TOL[dtype], variants
 
 
+@pytest.mark.parametrize("T", FUSED_TOKEN_COUNTS)
+def test_fused_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T: int, rng) -> None:
+    """On a grid of fewer CTAs (a card with fewer SMs) each CTA takes more units of both kinds, so the
+    rings wrap where they held a CTA's share and wrap more where they did not. Every sum keeps its
+    order whichever CTA makes it, so a and the output have the full grid's bits, and the arrival
+    counters are left at zero."""
+    fused_or_skip(case, T)
+    layer, k = case.layer, T * case.spec.top_k
+    x, logits = case.inputs(T, rng)
+    for variants in variant_sets(layer, "fused", T):
+        (kern,) = layer.variants["fused_moe"][variants["fused_moe"]]
+        full = case.run(x, logits, "fused", variants).copy()
+        full_a = layer.a_sorted[:k].copy()
+        resident = layer._resident[kern.uri]
+        layer._resident[kern.uri] = 37  # prime, so that no unit count divides evenly
+        try:
+            small = case.run(x, logits, "fused", variants)
+        finally:
+            layer._resident[kern.uri] = resident
+        cp.testing.assert_array_equal(small, full, err_msg=f"{variants}: output")
+        cp.testing.assert_array_equal(layer.a_sorted[:k], full_a, err_msg=f"{variants}: a")
+        assert not bool(layer.fused_sync.any()), "the arrival counters were not reset"
+
+
 def test_fused_path_serves_its_token_counts_with_device_routing(case: Case, rng) -> None:
     """More tokens than its kernels serve, or routing on the host, are refused by name when the fused
     path is forced, and 'auto' never picks it for them; a forced one-token variant takes its copy
