@@ -65,6 +65,11 @@ def from_act(a, dtype: ActivationDtype):
     return a.astype(cp.float64)
 
 
+def mma_dtype(spec: MoeSpec) -> ActivationDtype:
+    """The 16-bit type the tensor-core kernels hold a in (f16 where the activations are f32)."""
+    return ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+
+
 def poison(buf) -> None:
     if buf.dtype == cp.uint16:
         buf.fill(0x7FC0)  # bf16 NaN
@@ -231,7 +236,7 @@ def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
     spec = case.spec
     tol = LAYER_TOL[spec.activation_dtype]
     P = T * spec.top_k
-    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    mma = mma_dtype(spec)
     for variants in variant_sets(case.layer, "prefill"):
         x, logits = case.inputs(T, rng)
         out = case.run(x, logits, "prefill", variants)
@@ -272,7 +277,7 @@ def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
     spec = case.spec
     tol = LAYER_TOL[spec.activation_dtype]
     P = T * spec.top_k
-    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    mma = mma_dtype(spec)
     for variants in variant_sets(case.layer, "grouped", T):
         for routing, x, logits in routed_inputs(case, T, rng):
             out = case.run(x, logits, "grouped", variants)
@@ -642,7 +647,7 @@ def test_fused_kernels_match_reference(case: Case, T: int, rng) -> None:
     spec = case.spec
     tol = LAYER_TOL[spec.activation_dtype]
     k = T * spec.top_k
-    mma = ActivationDtype.BF16 if spec.activation_dtype is ActivationDtype.BF16 else ActivationDtype.F16
+    mma = mma_dtype(spec)
     for variants in variant_sets(case.layer, "fused", T):
         for routing, x, logits in routed_inputs(case, T, rng):
             out = case.run(x, logits, "fused", variants)
