@@ -112,6 +112,31 @@ def weight_tensor_map(address: int, blocks: int, block_bytes: int, box_blocks: i
     if err != d.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
                            f"({blocks} blocks of {block_bytes} bytes, boxes of {box_blocks})")
+    return _map_bytes(tensor_map)
+
+
+def slot_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int, box_groups: int) -> bytes:
+    """The tensor map of a 16-bit matrix of `rows` rows of row_values (the stream path's a) for the wgmma
+    kernels' token copies: a 3-D tensor (8 values, rows, row_values / 8 groups of 8), the groups
+    innermost-but-one in memory but outermost in the box, so a box of box_rows rows by box_groups
+    groups lands group by group, 16 bytes a row in each (the core-matrix layout of stream.cuh)."""
+    from cuda.bindings import driver as d
+
+    u32, u64 = d.cuuint32_t, d.cuuint64_t
+    err, tensor_map = d.cuTensorMapEncodeTiled(
+        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT16, u32(3), address,
+        [u64(8), u64(rows), u64(row_values // 8)], [u64(2 * row_values), u64(16)],
+        [u32(8), u32(box_rows), u32(box_groups)], [u32(1), u32(1), u32(1)],
+        d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != d.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
+                           f"({rows} rows of {row_values} values, boxes of {box_rows} x {box_groups} groups)")
+    return _map_bytes(tensor_map)
+
+
+def _map_bytes(tensor_map: Any) -> bytes:
     out = b"".join(int(v).to_bytes(8, "little") for v in tensor_map.opaque)
     assert len(out) == TENSOR_MAP_BYTES
     return out

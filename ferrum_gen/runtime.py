@@ -60,8 +60,8 @@ from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import fused_moe as fused_family
 from .families import stream as stream_family
-from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, weight_tensor_map
-from .quant import WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
+from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, slot_rows_tensor_map, weight_tensor_map
+from .quant import QK_K, WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
@@ -292,6 +292,7 @@ class MoeLayer:
             setattr(self, name, (cp.zeros if name in ZEROED_SCRATCH else cp.empty)(shape, dtype=dtype))
         if "x_mma" not in self._scratch:
             self.x_mma = None
+        self._act_maps = self._slot_rows_maps()
         self.profile: dict[str, list[float]] = {}
 
     @property
@@ -836,9 +837,28 @@ class MoeLayer:
         return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
 
     def _stream_args(self, kern: Kernel) -> dict[str, Any]:
-        """w_maps and block_ready for a kernel that takes them (the stream kernels), else nothing."""
+        """w_maps and block_ready for a kernel that takes them (the stream kernels), and act_map for
+        the down ones; else nothing."""
         maps = self._w_maps.get(kern.uri)
-        return {} if maps is None else {"w_maps": maps, "block_ready": self.block_ready}
+        if maps is None:
+            return {}
+        out = {"w_maps": maps, "block_ready": self.block_ready}
+        if "act_map" in dict(self._args[kern.uri]):
+            out["act_map"] = self._act_maps.get(kern.launch["token_map_rows"], self._placeholder)
+        return out
+
+    def _slot_rows_maps(self) -> dict[int, Any]:
+        """The tensor maps of a_sorted that the down variants copying their tokens by tensor copies read
+        (families/stream.py ACT_MAP), by box rows (the variant's block size; the others get a
+        placeholder). Made with a_sorted, here and in _fit_aligned_scratch, not at a launch, which may
+        be inside a graph capture."""
+        box_rows = {k.launch["token_map_rows"] for ks in self.variants.get("stream_down", {}).values() for k in ks} - {0}
+        maps = {}
+        for rows in sorted(box_rows):
+            a = self.a_sorted
+            raw = slot_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows, QK_K // 8)
+            maps[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
+        return maps
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
@@ -849,6 +869,7 @@ class MoeLayer:
         cp = _cupy()
         for name, (shape, dtype) in aligned_shapes(self.spec, rows).items():
             setattr(self, name, cp.empty(shape, dtype=dtype))
+        self._act_maps = self._slot_rows_maps()
 
     def _block_size(self, choice: tuning.Choice) -> int | None:
         """The block size align must use for an aligned path's call, or None for its padding rule:

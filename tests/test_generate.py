@@ -205,7 +205,8 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
     producer warp of wgmma down, its tiles cover the output rows, and ctas_per_sm CTAs with their
     rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
-    fit the SM of every arch it runs on."""
+    fit the SM of every arch it runs on. Every down kernel takes a's tensor map; the runtime makes
+    one (boxes of the block's rows) only for the variant with a producer, which reads it."""
     out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
     for k in enumerate_kernels(spec):
         if k.family not in out_dims:
@@ -215,6 +216,8 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         assert launch["tile_n"] * launch["n_tiles"] == out_dims[k.family], k.uri
         warps = launch["tile_n"] // 16 * (matrices if wgmma else 1) + launch["producer_warps"]
         assert launch["threads"] == warps * 32 and launch["producer_warps"] == (wgmma and matrices == 1), k.uri
+        assert launch["token_map_rows"] == (launch["block_size"] if launch["producer_warps"] else 0), k.uri
+        assert ("act_map" in {a.name for a in k.args}) == (matrices == 1), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])
         for arch, stages in launch["stages"].items():

@@ -177,7 +177,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
-                    "producer_warps": int(producer), "stages": stages,
+                    "producer_warps": int(producer), "token_map_rows": bs if producer else 0, "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
     return out
@@ -189,6 +189,10 @@ box of one weight tile's blocks of a k-step (quant.WEIGHT_TILE_ROWS, tile-major;
 launch["tile_n"] rows is tile_n / WEIGHT_TILE_ROWS boxes), gate's then up's (runtime.py,
 launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
 ignored on older archs."""
+ACT_MAP = Arg("act_map", "const void*")
+"""The down kernels' tensor map of a (in sorted order, a slot a row) as (8 values, rows, I / 8 groups),
+a box of a block's rows by 32 groups: one step's tokens in the wgmma kernels' core-matrix layout
+(runtime.py, launch.slot_rows_tensor_map). Read by the wgmma variant on sm_90, ignored elsewhere."""
 BLOCK_READY = Arg("block_ready", "int*")
 """Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
 a block's I rows before it reads them (templates/stream.cuh.j2)."""
@@ -204,5 +208,5 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
     return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1,
-                    (*aligned_down_args(dtype), WEIGHT_MAPS, BLOCK_READY),
+                    (*aligned_down_args(dtype), WEIGHT_MAPS, ACT_MAP, BLOCK_READY),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
