@@ -100,19 +100,8 @@ def weight_tensor_map(address: int, blocks: int, block_bytes: int, box_blocks: i
     copied box_blocks consecutive blocks at a time (in the tile-major layout, a weight tile's blocks
     of one k-step), unswizzled (block r of the box lands block_bytes * r into the stage). Needs
     cuda.bindings and a driver that reaches the GPU."""
-    from cuda.bindings import driver as d
-
-    u32, u64 = d.cuuint32_t, d.cuuint64_t
-    err, tensor_map = d.cuTensorMapEncodeTiled(
-        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, u32(2), address, [u64(block_bytes), u64(blocks)],
-        [u64(block_bytes)], [u32(block_bytes), u32(box_blocks)], [u32(1), u32(1)],
-        d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
-    if err != d.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
-                           f"({blocks} blocks of {block_bytes} bytes, boxes of {box_blocks})")
-    return _map_bytes(tensor_map)
+    return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT8", address, (block_bytes, blocks), (block_bytes,),
+                         (block_bytes, box_blocks), f"{blocks} blocks of {block_bytes} bytes, boxes of {box_blocks}")
 
 
 def slot_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int, box_groups: int) -> bytes:
@@ -120,23 +109,26 @@ def slot_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int
     kernels' token copies: a 3-D tensor (8 values, rows, row_values / 8 groups of 8), the groups
     innermost-but-one in memory but outermost in the box, so a box of box_rows rows by box_groups
     groups lands group by group, 16 bytes a row in each (the core-matrix layout of stream.cuh)."""
+    return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT16", address, (8, rows, row_values // 8), (2 * row_values, 16),
+                         (8, box_rows, box_groups),
+                         f"{rows} rows of {row_values} values, boxes of {box_rows} x {box_groups} groups")
+
+
+def _encode_tiled(data_type: str, address: int, dims: Sequence[int], strides: Sequence[int], box: Sequence[int],
+                  what: str) -> bytes:
+    """A CUtensorMap as the kernels read it: dims innermost first, strides in bytes of each dim after the
+    first, every box element copied, unswizzled, with L2 promotion of 256 bytes."""
     from cuda.bindings import driver as d
 
     u32, u64 = d.cuuint32_t, d.cuuint64_t
     err, tensor_map = d.cuTensorMapEncodeTiled(
-        d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT16, u32(3), address,
-        [u64(8), u64(rows), u64(row_values // 8)], [u64(2 * row_values), u64(16)],
-        [u32(8), u32(box_rows), u32(box_groups)], [u32(1), u32(1), u32(1)],
+        getattr(d.CUtensorMapDataType, data_type), u32(len(dims)), address, [u64(v) for v in dims],
+        [u64(v) for v in strides], [u32(v) for v in box], [u32(1) for _ in dims],
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != d.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} "
-                           f"({rows} rows of {row_values} values, boxes of {box_rows} x {box_groups} groups)")
-    return _map_bytes(tensor_map)
-
-
-def _map_bytes(tensor_map: Any) -> bytes:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} ({what})")
     out = b"".join(int(v).to_bytes(8, "little") for v in tensor_map.opaque)
     assert len(out) == TENSOR_MAP_BYTES
     return out
