@@ -843,22 +843,25 @@ class MoeLayer:
         if maps is None:
             return {}
         out = {"w_maps": maps, "block_ready": self.block_ready}
-        if "act_map" in dict(self._args[kern.uri]):
-            out["act_map"] = self._act_maps.get(kern.launch["token_map_rows"], self._placeholder)
+        act_map = self._act_maps.get(kern.uri)
+        if act_map is not None:
+            out["act_map"] = act_map
         return out
 
-    def _slot_rows_maps(self) -> dict[int, Any]:
-        """The tensor maps of a_sorted that the down variants copying their tokens by tensor copies read
-        (families/stream.py ACT_MAP), by box rows (the variant's block size; the others get a
-        placeholder). Made with a_sorted, here and in _fit_aligned_scratch, not at a launch, which may
-        be inside a graph capture."""
-        box_rows = {k.launch["token_map_rows"] for ks in self.variants.get("stream_down", {}).values() for k in ks} - {0}
-        maps = {}
-        for rows in sorted(box_rows):
-            a = self.a_sorted
-            raw = slot_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows, QK_K // 8)
-            maps[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
-        return maps
+    def _slot_rows_maps(self) -> dict[str, Any]:
+        """act_map for every down kernel, by uri (families/stream.py ACT_MAP): the tensor map of a_sorted
+        with boxes of the variant's token_map_rows where it copies its tokens by tensor copies (one map
+        a box size), a placeholder for the variants that do not read one. Made with a_sorted, here and
+        in _fit_aligned_scratch, not at a launch, which may be inside a graph capture."""
+        a, by_rows, out = self.a_sorted, {0: self._placeholder}, {}
+        for kernels in self.variants.get("stream_down", {}).values():
+            for kern in kernels:
+                rows = kern.launch["token_map_rows"]
+                if rows not in by_rows:
+                    raw = slot_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows, QK_K // 8)
+                    by_rows[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
+                out[kern.uri] = by_rows[rows]
+        return out
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
