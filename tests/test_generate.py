@@ -203,7 +203,8 @@ def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
 
 def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec) -> None:
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
-    producer warp of wgmma down, its tiles cover the output rows, and ctas_per_sm CTAs with their
+    copying warps of the wgmma kernels (a warp for down, a warpgroup for gate+up, whose registers
+    the multiplying warps take within the register file), its tiles cover the output rows, and ctas_per_sm CTAs with their
     rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
     fit the SM of every arch it runs on. Every down kernel takes a's tensor map; the runtime makes
     one (boxes of the block's rows) only for the variant with a producer, which reads it."""
@@ -215,8 +216,14 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         matrices = 2 if k.family == "stream_gate_up_silu" else 1
         assert launch["tile_n"] * launch["n_tiles"] == out_dims[k.family], k.uri
         warps = launch["tile_n"] // 16 * (matrices if wgmma else 1) + launch["producer_warps"]
-        assert launch["threads"] == warps * 32 and launch["producer_warps"] == (wgmma and matrices == 1), k.uri
-        assert launch["token_map_rows"] == (launch["block_size"] if launch["producer_warps"] else 0), k.uri
+        assert launch["threads"] == warps * 32, k.uri
+        assert launch["producer_warps"] == (stream.PRODUCER_WARPS[matrices] if wgmma else 0), k.uri
+        assert launch["token_map_rows"] == (launch["block_size"] if wgmma and matrices == 1 else 0), k.uri
+        consumer_regs, copiers = k.values["CONSUMER_REGS"], 32 * launch["producer_warps"]
+        if consumer_regs:
+            assert consumer_regs % stream.REGISTER_GRANULE == 0 and consumer_regs <= 256, k.uri
+            handed_out = copiers * k.values["PRODUCER_REGS"] + (launch["threads"] - copiers) * consumer_regs
+            assert handed_out <= stream.REGISTER_FILE and copiers % 128 == 0, k.uri
         assert ("act_map" in {a.name for a in k.args}) == (matrices == 1), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])

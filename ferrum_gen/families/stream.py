@@ -48,12 +48,36 @@ WGMMA_BLOCK_SIZES = (128,)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
 variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
 tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
-PRODUCER_MATRICES = 1
-"""The wgmma kernels with this many matrices (down) add a producer warp: it issues every copy of
-the ring, and the multiplying warps wait only for their stage's copies and hand the stage back on
-their own (mbarriers), with no CTA barrier a step: the layer 3-7 % faster at T = 512-4096 on an
-H200 (docs/perf-notes.md). Gate+up's 16 warps and a producer get 96 registers a thread from ptxas
-(it spills 880 bytes), which made that kernel slower by about what down gained."""
+PRODUCER_WARPS = {1: 1, 2: 4}
+"""Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
+multiplying warps wait only for their stage's copies and hand the stage back on their own
+(mbarriers), with no CTA barrier a step. Down (one matrix): one warp, which made the layer 3-7 %
+faster at T = 512-4096 on an H200 (docs/perf-notes.md). Gate+up (two): a whole warpgroup, so that
+it can give its registers to the 16 multiplying warps (setmaxnreg): with one more warp and no
+reallocation ptxas gave every thread 96 registers and the kernel spilled 880 bytes."""
+PRODUCER_REGS = 32
+"""Registers a thread of a copying warpgroup keeps (setmaxnreg): its addresses and slots; at 24 (the
+least) ptxas spilled 16 more bytes of the gate+up kernels."""
+REGISTER_FILE = 65536
+"""32-bit registers an SM (sm_80 and later), shared by its resident CTAs' threads."""
+REGISTER_GRANULE = 8
+"""Registers a thread are allocated, and setmaxnreg takes them, in multiples of this."""
+WARPGROUP_WARPS = 4
+
+
+def consumer_registers(threads: int, producer_warps: int) -> int:
+    """Registers a thread of the multiplying warps asks for (setmaxnreg) where the copying warps are
+    whole warpgroups that keep PRODUCER_REGS, else 0 (no reallocation): the CTA is given a count a
+    thread for all its threads at launch (one CTA an SM), and the copiers hand back what they do not
+    keep."""
+    if not producer_warps or producer_warps % WARPGROUP_WARPS:
+        return 0
+    at_launch = REGISTER_FILE // threads // REGISTER_GRANULE * REGISTER_GRANULE
+    copiers = producer_warps * THREADS_PER_WARP
+    spare = at_launch * threads - copiers * PRODUCER_REGS
+    return spare // (threads - copiers) // REGISTER_GRANULE * REGISTER_GRANULE
+
+
 CTAS_PER_SM = (1, 2, 4)
 """Occupancy variants: one CTA an SM (the deepest ring); where two stages still fit in half an
 SM's shared memory and the kernel in 128 registers a thread, two (twice the warps to hide
@@ -158,7 +182,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
         # the wgmma form gives each warp one matrix: twice the warps for gate+up
-        producer = wg and matrices == PRODUCER_MATRICES
+        producer = PRODUCER_WARPS[matrices] if wg else 0
         threads = (rows // 16 * (matrices if wg else 1) + producer) * THREADS_PER_WARP
         variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
         out.append(KernelSpec(
@@ -169,7 +193,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             default=not wg and (bs, ctas) == default,
             archs=None if len(stages) == len(spec.target_archs) else tuple(stages),
             values={**values, "BS": bs, "ROWS": rows, "THREADS": threads, "CTAS_PER_SM": ctas,
-                    "WGMMA": "true" if wg else "false", "PRODUCER": "true" if producer else "false",
+                    "WGMMA": "true" if wg else "false", "PRODUCER_WARPS": producer,
+                    "PRODUCER_REGS": PRODUCER_REGS, "CONSUMER_REGS": consumer_registers(threads, producer),
                     "REFILL": "true" if not wg and ctas <= REFILL_MAX_CTAS else "false",
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "STAGES_BY_ARCH": by_arch},
@@ -177,7 +202,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
-                    "producer_warps": int(producer), "token_map_rows": bs if producer else 0, "stages": stages,
+                    "producer_warps": producer, "token_map_rows": bs if producer and matrices == 1 else 0, "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
     return out
