@@ -7,8 +7,8 @@ side), and streams its tiles' quantized blocks and activations through a cp.asyn
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
 where that fits), and on sm_90 the wgmma form w128 (blocks of 128, a warp per 16 rows of one
-matrix: twice the warps for gate+up; down's with a producer warp): the runtime has align use the
-variant's size.
+matrix: twice the warps for gate+up; plus copying warps, a warp for down and a warpgroup for
+gate+up): the runtime has align use the variant's size.
 """
 
 from __future__ import annotations
