@@ -203,9 +203,9 @@ def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
 
 def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec) -> None:
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
-    copying warps of the wgmma kernels (a warp for down, a warpgroup for gate+up, whose registers
-    the multiplying warps take within the register file), its tiles cover the output rows, and ctas_per_sm CTAs with their
-    rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
+    copying warps of the wgmma kernels (a warp for down; a warpgroup for gate+up, whose registers
+    the multiplying warps take, within the CTA's pool), its tiles cover the output rows, and
+    ctas_per_sm CTAs with their rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
     fit the SM of every arch it runs on. Every down kernel takes a's tensor map; the runtime makes
     one (boxes of the block's rows) only for the variant with a producer, which reads it."""
     out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
@@ -223,7 +223,9 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         if consumer_regs:
             assert consumer_regs % stream.REGISTER_GRANULE == 0 and consumer_regs <= 256, k.uri
             handed_out = copiers * k.values["PRODUCER_REGS"] + (launch["threads"] - copiers) * consumer_regs
-            assert handed_out <= stream.REGISTER_FILE and copiers % 128 == 0, k.uri
+            # more than the pool and setmaxnreg.inc waits for registers that never come: a hang
+            assert handed_out <= stream.registers_at_launch(launch["threads"]) * launch["threads"], k.uri
+            assert copiers % (32 * stream.WARPGROUP_WARPS) == 0, k.uri
         assert ("act_map" in {a.name for a in k.args}) == (matrices == 1), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])

@@ -65,6 +65,12 @@ REGISTER_GRANULE = 8
 WARPGROUP_WARPS = 4
 
 
+def registers_at_launch(threads: int) -> int:
+    """Registers a thread of a CTA of `threads` threads alone on an SM (ptxas's count under
+    __launch_bounds__(threads, 1)): the CTA's pool, which setmaxnreg only redistributes."""
+    return REGISTER_FILE // threads // REGISTER_GRANULE * REGISTER_GRANULE
+
+
 def consumer_registers(threads: int, producer_warps: int) -> int:
     """Registers a thread of the multiplying warps asks for (setmaxnreg) where the copying warps are
     whole warpgroups that keep PRODUCER_REGS, else 0 (no reallocation): the CTA is given a count a
@@ -72,7 +78,7 @@ def consumer_registers(threads: int, producer_warps: int) -> int:
     keep."""
     if not producer_warps or producer_warps % WARPGROUP_WARPS:
         return 0
-    at_launch = REGISTER_FILE // threads // REGISTER_GRANULE * REGISTER_GRANULE
+    at_launch = registers_at_launch(threads)
     copiers = producer_warps * THREADS_PER_WARP
     spare = at_launch * threads - copiers * PRODUCER_REGS
     return spare // (threads - copiers) // REGISTER_GRANULE * REGISTER_GRANULE
@@ -202,7 +208,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
-                    "producer_warps": producer, "token_map_rows": bs if producer and matrices == 1 else 0, "stages": stages,
+                    "producer_warps": producer, "token_map_rows": bs if producer and matrices == 1 else 0,
+                    "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
     return out
