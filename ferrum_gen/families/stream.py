@@ -42,6 +42,9 @@ STATIC_SMEM = 4096
 scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
 BLOCK_D_BYTES = 2
 """stream.cuh's block_d: each row's Q6_K block scale a stage, f16 as stored."""
+WG_SCALE_TABLE_BYTES = 512
+"""stream.cuh's scale_tabs: a multiplying warp's table of its 16 rows' Q4_K scales and mins in the
+wgmma form (WgFrag::SCALE_SLOTS entries of 8 bytes)."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
 WGMMA_BLOCK_SIZES = (128,)
@@ -116,12 +119,14 @@ def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS)
     return matrices * rows * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
 
 
-def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int) -> int:
+def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int, wgmma: bool = False) -> int:
     """Static shared memory to keep beside the ring: STATIC_SMEM up to two CTAs an SM (as before
-    the four-CTA variants); at more, the kernel's own, one block scale a row and stage for Q6_K
+    the four-CTA variants), plus the wgmma form's Q4_K scale tables (WG_SCALE_TABLE_BYTES a
+    multiplying warp); at more, the kernel's own, one block scale a row and stage for Q6_K
     (stream.cuh's block_d) at MAX_STAGES."""
     if ctas <= 2:
-        return STATIC_SMEM
+        tables = WG_SCALE_TABLE_BYTES * matrices * rows // 16 if wgmma and qt is QuantType.Q4_K else 0
+        return STATIC_SMEM + tables
     return MAX_STAGES * BLOCK_D_BYTES * (matrices * rows if qt is QuantType.Q6_K else 1)
 
 
@@ -136,12 +141,14 @@ def stages_by_arch(spec: MoeSpec, stage: int, ctas: int, static: int = STATIC_SM
     return out
 
 
-def _stages(spec: MoeSpec, block_size: int, ctas: int) -> tuple[dict[str, int], dict[str, int]]:
+def _stages(spec: MoeSpec, block_size: int, ctas: int, wgmma: bool = False) -> tuple[dict[str, int], dict[str, int]]:
     """(gate+up, down) ring depth per arch, for the archs where both kernels fit: a variant is
     the block size align uses, so both families have it or neither does."""
     q, rows = spec.quant, rows_for(ctas)
-    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas, static_smem(q.gate, 2, rows, ctas))
-    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, rows), ctas, static_smem(q.down, 1, rows, ctas))
+    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas,
+                             static_smem(q.gate, 2, rows, ctas, wgmma))
+    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, rows), ctas,
+                          static_smem(q.down, 1, rows, ctas, wgmma))
     both = gate_up.keys() & down.keys()
     return {a: s for a, s in gate_up.items() if a in both}, {a: s for a, s in down.items() if a in both}
 
@@ -154,7 +161,7 @@ def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
 
 def _wgmma_variants(spec: MoeSpec) -> list[int]:
     """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma."""
-    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1)[0]) & {a.value for a in WGMMA_ARCHS}]
+    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}]
 
 
 def variant_block_sizes(spec: MoeSpec) -> dict[str, int]:
@@ -180,7 +187,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     out = []
     wgmma = [(bs, 1, True) for bs in _wgmma_variants(spec)]
     for bs, ctas, wg in [(bs, ctas, False) for bs, ctas in _variants(spec)] + wgmma:
-        stages = _stages(spec, bs, ctas)[0 if matrices == 2 else 1]
+        stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
             stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
         rows = ROWS if wg else rows_for(ctas)
