@@ -205,8 +205,8 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
     copying warps of the wgmma kernels (a warp for down; a warpgroup for gate+up, whose registers
     the multiplying warps take, within the CTA's pool), its tiles cover the output rows, and
-    ctas_per_sm CTAs with their rings of at least two stages (plus the kernel's static shared memory and the per-CTA reserve)
-    fit the SM of every arch it runs on. Every down kernel takes a's tensor map; the runtime makes
+    ctas_per_sm CTAs with their rings of at least two stages (plus the kernel's static shared memory,
+    the wgmma form's scale tables included, and the per-CTA reserve) fit the SM of every arch it runs on. Every down kernel takes a's tensor map; the runtime makes
     one (boxes of the block's rows) only for the variant with a producer, which reads it."""
     out_dims = {"stream_gate_up_silu": spec.intermediate_size, "stream_down": spec.hidden_size}
     for k in enumerate_kernels(spec):
@@ -228,7 +228,7 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
             assert copiers % (32 * stream.WARPGROUP_WARPS) == 0, k.uri
         assert ("act_map" in {a.name for a in k.args}) == (matrices == 1), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
-        static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"])
+        static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"], wgmma)
         for arch, stages in launch["stages"].items():
             assert stages >= 2, k.uri
             per_cta = launch["smem_bytes"][arch] + static + stream.SMEM_RESERVED_PER_CTA

@@ -105,7 +105,7 @@ def test_committed_tables_give_a_forced_path_its_fastest_timed_variants() -> Non
     grouped = {k: v for k, v in entry.timings_us.items() if k.startswith("grouped:")}
     fastest = min(grouped, key=grouped.get)
     forced = tuning.choose(spec, 1, available, defaults, table, path="grouped")
-    assert "grouped:" + ",".join(f"{f}={forced.variants[f]}" for f in tuning.PATH_FAMILIES["grouped"]) == fastest
+    assert tuning.candidate_name("grouped", ((f, forced.variants[f]) for f in tuning.PATH_FAMILIES["grouped"])) == fastest
 
 
 def test_a_variant_the_card_cannot_run_falls_back_to_the_default() -> None:
