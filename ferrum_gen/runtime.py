@@ -210,6 +210,7 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
         "fused_sync": ((2,), "int32"),  # the fused kernel's arrivals: zero between calls
+        "tile_claims": ((2,), "int32"),  # the wgmma stream kernels' claimed tiles (gate+up, down): zero between calls
         "align_counts": ((align_family.cta_count(pairs), E), "int32"),  # align_count's per-chunk histograms
     }
     if spec.activation_dtype is ActivationDtype.F32:  # the prefill GEMMs' f16 copy of x
@@ -217,9 +218,10 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
     return shapes
 
 
-ZEROED_SCRATCH = ("plan", "tile_counters", "fused_sync")
-"""Scratch that must start at zero (the align plan's counts, the grouped down's tile counters and the
-fused kernel's arrivals, which each call leaves at zero); the rest is written before it is read."""
+ZEROED_SCRATCH = ("plan", "tile_counters", "fused_sync", "tile_claims")
+"""Scratch that must start at zero (the align plan's counts, the grouped down's tile counters, the
+fused kernel's arrivals and the wgmma stream kernels' tile claims, which each call leaves at zero); the
+rest is written before it is read."""
 
 
 def shapes_bytes(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
@@ -837,13 +839,14 @@ class MoeLayer:
         return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
 
     def _stream_args(self, kern: Kernel) -> dict[str, Any]:
-        """w_maps and block_ready for a kernel that takes them (the stream kernels), and act_map for
-        the down ones; else nothing."""
+        """w_maps, block_ready and tile_claims for a kernel that takes them (the stream kernels), and
+        act_map for the down ones; else nothing."""
         maps = self._w_maps.get(kern.uri)
         if maps is None:
             return {}
-        out = {"w_maps": maps, "block_ready": self.block_ready}
         act_map = self._act_maps.get(kern.uri)
+        claims = 0 if act_map is None else 1  # gate+up's count, down's: each kernel of a call claims its own tiles
+        out = {"w_maps": maps, "block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
         if act_map is not None:
             out["act_map"] = act_map
         return out

@@ -406,6 +406,32 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             assert rel_err(from_act(case.layer.a_sorted[pbt], spec.activation_dtype), ref_a) <= tol, where
             assert rel_err(from_act(case.layer.y_sorted[pbt], spec.activation_dtype), ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
+            assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
+
+
+@pytest.mark.parametrize("T", (130, 1000))
+def test_stream_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T: int, rng) -> None:
+    """On a grid of fewer CTAs each CTA runs more tiles: the wgmma kernels claim theirs at run time
+    (so which CTA runs a tile changes from call to call), the others take them round robin. A tile's
+    sums keep their order whichever CTA runs it, so a and the output have the full grid's bits, and
+    the claim counts are left at zero for the next call."""
+    path_or_skip(case, "stream")
+    layer, k = case.layer, T * case.spec.top_k
+    x, logits = case.inputs(T, rng)
+    for variants in variant_sets(layer, "stream"):
+        kerns = [kern for fam, var in variants.items() for kern in layer.variants[fam][var]]
+        full = case.run(x, logits, "stream", variants).copy()
+        full_a = layer.a_sorted[layer.pairs_by_token[:k]].copy()
+        saved = {kern.uri: layer._resident[kern.uri] for kern in kerns}
+        for kern in kerns:
+            layer._resident[kern.uri] = 37  # prime, so that no tile count divides evenly
+        try:
+            small = case.run(x, logits, "stream", variants)
+        finally:
+            layer._resident.update(saved)
+        cp.testing.assert_array_equal(small, full, err_msg=f"{variants}: output")
+        cp.testing.assert_array_equal(layer.a_sorted[layer.pairs_by_token[:k]], full_a, err_msg=f"{variants}: a")
+        assert not bool(layer.tile_claims.any()), f"{variants}: a tile claim count was not reset"
 
 
 @pytest.mark.parametrize("T", (33, 513))

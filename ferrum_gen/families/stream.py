@@ -235,17 +235,20 @@ a box of a block's rows by 32 groups: one step's tokens in the wgmma kernels' co
 BLOCK_READY = Arg("block_ready", "int*")
 """Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
 a block's I rows before it reads them (templates/stream.cuh.j2)."""
+TILE_CLAIMS = Arg("tile_claims", "int*")
+"""The kernel's count of tiles claimed at run time (the wgmma variants; one int a kernel, zero between
+calls: the call's last claim zeroes it; templates/stream.cuh.j2). Ignored by the mma.sync variants."""
 
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS, BLOCK_READY),
+                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS, BLOCK_READY, TILE_CLAIMS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
     return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1,
-                    (*aligned_down_args(dtype), WEIGHT_MAPS, ACT_MAP, BLOCK_READY),
+                    (*aligned_down_args(dtype), WEIGHT_MAPS, ACT_MAP, BLOCK_READY, TILE_CLAIMS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
