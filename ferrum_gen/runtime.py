@@ -721,14 +721,14 @@ class MoeLayer:
                 self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
                              w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
-                             **self._stream_args(kern))
+                             **self._stream_args(kern, claims=0))
 
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
                              plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
-                             sorted_ids=self.sorted_ids, num_pairs=P, **self._stream_args(kern))
+                             sorted_ids=self.sorted_ids, num_pairs=P, **self._stream_args(kern, claims=1))
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -838,15 +838,15 @@ class MoeLayer:
         assert len(maps) == TENSOR_MAP_BYTES * len(projections)
         return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
 
-    def _stream_args(self, kern: Kernel) -> dict[str, Any]:
-        """w_maps, block_ready and tile_claims for a kernel that takes them (the stream kernels), and
-        act_map for the down ones; else nothing."""
+    def _stream_args(self, kern: Kernel, claims: int) -> dict[str, Any]:
+        """w_maps, block_ready and tile_claims (entry `claims` of the scratch: each kernel of a call
+        counts its own) for a kernel that takes them (the stream kernels), and act_map for the down
+        ones; else nothing."""
         maps = self._w_maps.get(kern.uri)
         if maps is None:
             return {}
-        act_map = self._act_maps.get(kern.uri)
-        claims = 0 if act_map is None else 1  # gate+up's count, down's: each kernel of a call claims its own tiles
         out = {"w_maps": maps, "block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
+        act_map = self._act_maps.get(kern.uri)
         if act_map is not None:
             out["act_map"] = act_map
         return out

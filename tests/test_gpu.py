@@ -6,6 +6,7 @@ Skipped, with the reason shown, on machines without CuPy or without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 
@@ -138,6 +139,21 @@ class Case:
         self.layer.forward(x, logits, out=out, path=path, variants=variants)
         cp.cuda.get_current_stream().synchronize()
         return out
+
+
+SMALL_GRID = 37
+"""A grid for the smaller-grid tests: prime, so that no tile or unit count divides evenly."""
+
+
+@contextlib.contextmanager
+def small_grid(layer, kernels):
+    """The persistent kernels in `kernels` launched on SMALL_GRID CTAs instead of every resident one."""
+    saved = {kern.uri: layer._resident[kern.uri] for kern in kernels}
+    layer._resident.update((uri, SMALL_GRID) for uri in saved)
+    try:
+        yield
+    finally:
+        layer._resident.update(saved)
 
 
 def variant_sets(layer, path: str, tokens: int | None = None) -> list[dict[str, str]]:
@@ -422,13 +438,8 @@ def test_stream_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T
         kerns = [kern for fam, var in variants.items() for kern in layer.variants[fam][var]]
         full = case.run(x, logits, "stream", variants).copy()
         full_a = layer.a_sorted[layer.pairs_by_token[:k]].copy()
-        saved = {kern.uri: layer._resident[kern.uri] for kern in kerns}
-        for kern in kerns:
-            layer._resident[kern.uri] = 37  # prime, so that no tile count divides evenly
-        try:
+        with small_grid(layer, kerns):
             small = case.run(x, logits, "stream", variants)
-        finally:
-            layer._resident.update(saved)
         cp.testing.assert_array_equal(small, full, err_msg=f"{variants}: output")
         cp.testing.assert_array_equal(layer.a_sorted[layer.pairs_by_token[:k]], full_a, err_msg=f"{variants}: a")
         assert not bool(layer.tile_claims.any()), f"{variants}: a tile claim count was not reset"
@@ -714,12 +725,8 @@ def test_fused_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T:
         (kern,) = layer.variants["fused_moe"][variants["fused_moe"]]
         full = case.run(x, logits, "fused", variants).copy()
         full_a = layer.a_sorted[:k].copy()
-        resident = layer._resident[kern.uri]
-        layer._resident[kern.uri] = 37  # prime, so that no unit count divides evenly
-        try:
+        with small_grid(layer, [kern]):
             small = case.run(x, logits, "fused", variants)
-        finally:
-            layer._resident[kern.uri] = resident
         cp.testing.assert_array_equal(small, full, err_msg=f"{variants}: output")
         cp.testing.assert_array_equal(layer.a_sorted[:k], full_a, err_msg=f"{variants}: a")
         assert not bool(layer.fused_sync.any()), "the arrival counters were not reset"
