@@ -60,9 +60,12 @@ class Candidate:
         return tuning.candidate_name(self.path, self.variants)
 
 
-def candidates(layer, bucket: int) -> list[Candidate]:
-    """Every (path, variant combination) that may serve the bucket on this card."""
+def candidates(layer, bucket: int, edges: tuple[int, ...] | None = None) -> list[Candidate]:
+    """Every (path, variant combination) that may serve the bucket on this card: each variant serves
+    every count of the bucket, so both of its edges (tuning.bucket_edges; the bucket alone by default).
+    A fused kernel serves exactly one count, so it is a candidate only in a bucket of one count."""
     spec = layer.spec
+    edges = edges or (bucket,)
     out = []
     for path in tuning.PATHS:
         if not tuning.path_available(path, layer.variants):
@@ -74,7 +77,7 @@ def candidates(layer, bucket: int) -> list[Candidate]:
         if path == "stream" and bucket < STREAM_TUNE_MIN:
             continue
         families = tuning.PATH_FAMILIES[path]
-        serving = [sorted(v for v in layer.variants[f] if layer.variant_refusal(f, v, bucket) is None)
+        serving = [sorted(v for v in layer.variants[f] if all(layer.variant_refusal(f, v, t) is None for t in edges))
                    for f in families]
         for combo in itertools.product(*serving):
             if path in tuning.LOCKSTEP_PATHS and len(set(combo)) > 1:
@@ -166,7 +169,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                      sorted(set(buckets) - set(asked)))
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
-    plan = [(b, candidates(layer, b)) for b in sorted(buckets)]
+    plan = [(b, candidates(layer, b, tuning.bucket_edges(b, edges_of))) for b in sorted(buckets)]
     total = sum(len(routings) * len(tuning.bucket_edges(b, edges_of)) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}

@@ -147,6 +147,26 @@ def test_the_tuner_times_the_search_free_variants_only_where_they_serve() -> Non
         assert with_variant(most, f"p{few}") and not with_variant(most + 1, f"p{few}")
 
 
+def test_the_tuner_times_only_variants_that_serve_every_count_of_a_bucket(spec) -> None:
+    """A bucket of several counts (bucket 2 of a table without bucket 1 holds T = 1 and 2) times only the
+    variants that serve both its edges: not a fused kernel of one count, which the tuner could not run at
+    the other (it stopped with "serves exactly 2 tokens, not 1")."""
+    from ferrum_gen.tune import candidates
+
+    layer = _fake_layer(spec, {})
+    both = candidates(layer, 2, tuning.bucket_edges(2, (2, 4)))
+    assert both and not [c for c in both if c.path == "fused"]
+    for cand in both:
+        for family, variant in cand.variants:
+            assert layer.variant_refusal(family, variant, 1) is None and layer.variant_refusal(family, variant, 2) is None
+    two = candidates(layer, 2)
+    assert set(both) <= set(two)
+    for cand in set(two) - set(both):  # left out only for T = 1
+        assert any(layer.variant_refusal(family, variant, 1) is not None for family, variant in cand.variants)
+    fused_two = [v for v in layer.variants.get("fused_moe", {}) if layer.variant_refusal("fused_moe", v, 2) is None]
+    assert {dict(c.variants)["fused_moe"] for c in two if c.path == "fused"} == set(fused_two)
+
+
 def _fake_layer(spec, env: dict[str, str]):
     """What tune.candidates reads of a MoeLayer, with the real variant_refusal."""
     from types import SimpleNamespace
