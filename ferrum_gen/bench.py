@@ -1042,6 +1042,12 @@ class BenchOptions:
     """Ignore the card's tuning table: time the default rule's choices (a baseline for the tuner)."""
     command: str = ""
 
+    def __post_init__(self) -> None:  # before the GPU is touched: the CLI builds these first
+        if not self.tokens or min(self.tokens) < 1:
+            raise BenchError(f"--tokens {list(self.tokens)}: give positive token counts")
+        if self.rotations < 1:
+            raise BenchError(f"--rotations {self.rotations}: give at least 1")
+
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -1051,10 +1057,6 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     """Time every (T, path, routing) of `options` on the current GPU; needs CuPy and a CUDA GPU."""
     import cupy as cp
 
-    if not options.tokens or min(options.tokens) < 1:
-        raise BenchError(f"--tokens {list(options.tokens)}: give positive token counts")
-    if options.rotations < 1:
-        raise BenchError(f"--rotations {options.rotations}: give at least 1")
     env = environment(options.command)
     _progress(f"bench {spec.name} on {env.device}: measuring the card")
     card = Card(copy_bandwidth_gbps=copy_bandwidth() / 1e9, matmul_tflops=matmul_rate() / 1e12,

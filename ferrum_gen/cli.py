@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import warnings
@@ -114,6 +115,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import check_options, describe, tune
+    from .tuning import BUCKETS, TuningError
+
+    spec = load_spec(args.spec)
+    buckets = tuple(args.buckets) if args.buckets else None
+    if args.update and not buckets:
+        print("ferrum-gen: error: tune --update re-tunes the buckets given with --buckets: name them", file=sys.stderr)
+        return 2
+    try:
+        check_options(buckets or BUCKETS, args.budget_s, args.rotations)
+    except TuningError as err:
+        print(f"ferrum-gen: error: {err}", file=sys.stderr)
+        return 2
     try:
         import cupy
 
@@ -122,17 +136,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"ferrum-gen: error: tune times kernels on a CUDA GPU with CuPy, and none is usable here ({err})",
               file=sys.stderr)
         return 2
-    from .tune import describe, tune
-
-    spec = load_spec(args.spec)
-    buckets = tuple(args.buckets) if args.buckets else None
-    if args.update and not buckets:
-        print("ferrum-gen: error: tune --update re-tunes the buckets given with --buckets: name them", file=sys.stderr)
-        return 2
     kwargs = {"buckets": buckets} if buckets else {}
     routings = ("uniform", "skewed") if args.routing == "both" else (args.routing,)
-    table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations, routings=routings,
-                       update=args.update, **kwargs)
+    try:
+        table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations,
+                           routings=routings, update=args.update, **kwargs)
+    except TuningError as err:  # e.g. --update with no table for this card, or one of another spec version
+        print(f"ferrum-gen: error: {err}", file=sys.stderr)
+        return 2
     print(describe(table))
     run = table.meta["updates"][-1] if args.update else table.meta
     done = "complete" if run.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
@@ -150,6 +161,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise bench.BenchError("--against and --from-json both name a saved result: give one of them")
         if args.plot:
             bench.check_plot_support()  # before a run of minutes, not after it
+        if not 0 <= args.threshold < math.inf:  # also NaN
+            raise bench.BenchError(f"--threshold {args.threshold}: give the slowdown that fails --compare as a "
+                                   "fraction of at least 0, e.g. 0.05 for 5 %")
         old = bench.load_result(args.compare) if args.compare is not None else None
         saved = args.against or args.from_json
         if saved is not None:
@@ -158,16 +172,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(bench.full_report(result))
         else:
             spec = bench.apply_overrides(load_spec(args.spec), args.set)
-            why = bench.gpu_unavailable_reason()
-            if why is not None:
-                print(f"ferrum-gen bench: error: it needs a CUDA GPU with CuPy ({why})", file=sys.stderr)
-                return 2
             options = bench.BenchOptions(
                 tokens=tuple(args.tokens), paths=tuple(args.paths),
                 routings=bench.ROUTINGS if args.routing == "both" else (args.routing,),
                 rotations=args.rotations, seed=args.seed, torch_baseline=not args.no_torch, split=not args.no_split,
                 decode_up_to=args.decode_up_to, prefill_from=args.prefill_from, default_rule=args.default_rule,
                 command=bench.command_line(None))
+            why = bench.gpu_unavailable_reason()
+            if why is not None:
+                print(f"ferrum-gen bench: error: it needs a CUDA GPU with CuPy ({why})", file=sys.stderr)
+                return 2
             result = bench.run_bench(spec, options)
             json_path = args.json or bench.default_json_path(spec.name)
             bench.save_result(result, json_path)

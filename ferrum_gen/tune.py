@@ -136,6 +136,22 @@ def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[t
     return tuple(sorted(asked | narrowed)), tuple(sorted(every))
 
 
+def check_options(buckets: Iterable[int], budget_s: float, rotations: int) -> None:
+    """Refuse options a tune cannot run with (tuning.TuningError naming the option and the fix), before
+    anything touches the GPU."""
+    buckets = list(buckets)
+    if not buckets or min(buckets) < 1:
+        raise tuning.TuningError(f"buckets (--buckets) {buckets}: each is a token count of at least 1, "
+                                 "e.g. --buckets 1 2 4 8")
+    if len(set(buckets)) != len(buckets):
+        raise tuning.TuningError(f"buckets (--buckets) {buckets} repeat a count: list each once, e.g. "
+                                 f"{sorted(set(buckets))}")
+    if not budget_s > 0:  # also NaN
+        raise tuning.TuningError(f"budget (--budget-s) {budget_s}: give a positive number of seconds (default 300)")
+    if rotations < 1:
+        raise tuning.TuningError(f"rotations (--rotations) {rotations}: give at least 1 (default 8)")
+
+
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
          buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
          routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False) -> tuple[tuning.TuningTable, Path]:
@@ -143,6 +159,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     already there (update_plan: their edges follow from its buckets and these together, and a new
     bucket's next larger one is re-tuned too) and keep its others, also those the budget does not
     reach."""
+    check_options(buckets, budget_s, rotations)
     import cupy as cp
     from tqdm import tqdm
 
