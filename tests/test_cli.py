@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,19 @@ def test_build_without_nvrtc_is_one_line_and_writes_nothing(tmp_path, capsys, mo
     assert main(["build", "--spec", "tiny", "--arch", "sm_90", "--out", str(tmp_path)]) == 2
     assert "NVRTC" in _one_line_error(capsys)
     assert _snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize("command, args, option", [
+    ("bench", ["--tokens", "0"], "--tokens"), ("bench", ["--tokens", "4", "-3"], "--tokens"),
+    ("bench", ["--rotations", "0"], "--rotations"), ("bench", ["--threshold", "-0.1"], "--threshold"),
+    ("bench", ["--threshold", "nan"], "--threshold"),
+    ("tune", ["--buckets", "0", "4"], "--buckets"), ("tune", ["--buckets", "8", "8"], "--buckets"),
+    ("tune", ["--budget-s", "-5"], "--budget-s"), ("tune", ["--budget-s", "nan"], "--budget-s"),
+    ("tune", ["--rotations", "0"], "--rotations"),
+])
+def test_bench_and_tune_refuse_unusable_options_before_looking_for_a_gpu(monkeypatch, capsys, command, args,
+                                                                        option) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError, with or without CuPy here
+    assert main([command, "--spec", "qwen3moe", *args]) == 2
+    err = capsys.readouterr().err
+    assert option in err and "GPU" not in err

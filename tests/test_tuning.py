@@ -369,21 +369,6 @@ def test_an_update_that_adds_a_bucket_re_tunes_the_one_it_narrows() -> None:
     assert (lo, hi) == (13, 16)
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--buckets", "0", "4"], "--buckets"), (["--buckets", "8", "8"], "--buckets"), (["--budget-s", "-5"], "--budget-s"),
-    (["--budget-s", "nan"], "--budget-s"), (["--rotations", "0"], "--rotations"),
-])
-def test_tune_refuses_unusable_options_before_looking_for_a_gpu(monkeypatch, capsys, args, option) -> None:
-    import sys
-
-    from ferrum_gen.cli import main
-
-    monkeypatch.setitem(sys.modules, "cupy", None)
-    assert main(["tune", "--spec", "qwen3moe", *args]) == 2
-    err = capsys.readouterr().err
-    assert option in err and "GPU" not in err
-
-
 def test_tune_update_without_a_table_is_a_clear_error(monkeypatch, capsys, tmp_path) -> None:
     """tune's own errors (here: --update with no table for the card) end the command with a message, not a
     traceback; the GPU part is faked, as it is reached only after the table is looked for."""
