@@ -123,25 +123,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.update and not buckets:
         print("ferrum-gen: error: tune --update re-tunes the buckets given with --buckets: name them", file=sys.stderr)
         return 2
-    try:
-        check_options(buckets or BUCKETS, args.budget_s, args.rotations)
-    except TuningError as err:
-        print(f"ferrum-gen: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        import cupy
-
-        cupy.cuda.runtime.getDeviceCount()
-    except Exception as err:  # noqa: BLE001 - any failure here means: no usable GPU
-        print(f"ferrum-gen: error: tune times kernels on a CUDA GPU with CuPy, and none is usable here ({err})",
-              file=sys.stderr)
-        return 2
     kwargs = {"buckets": buckets} if buckets else {}
     routings = ("uniform", "skewed") if args.routing == "both" else (args.routing,)
+    # TuningError: options it cannot run with (checked before the GPU is looked for), or tune's own, e.g.
+    # --update with no table for this card, or one of another spec version
     try:
+        check_options(buckets or BUCKETS, args.budget_s, args.rotations)
+        try:
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as err:  # noqa: BLE001 - any failure here means: no usable GPU
+            print(f"ferrum-gen: error: tune times kernels on a CUDA GPU with CuPy, and none is usable here ({err})",
+                  file=sys.stderr)
+            return 2
         table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations,
                            routings=routings, update=args.update, **kwargs)
-    except TuningError as err:  # e.g. --update with no table for this card, or one of another spec version
+    except TuningError as err:
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
     print(describe(table))

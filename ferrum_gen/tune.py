@@ -186,8 +186,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                      sorted(set(buckets) - set(asked)))
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
-    plan = [(b, candidates(layer, b, tuning.bucket_edges(b, edges_of))) for b in sorted(buckets)]
-    total = sum(len(routings) * len(tuning.bucket_edges(b, edges_of)) * len(c) for b, c in plan)
+    edges = {b: tuning.bucket_edges(b, edges_of) for b in buckets}
+    plan = [(b, candidates(layer, b, edges[b])) for b in sorted(buckets)]
+    total = sum(len(routings) * len(edges[b]) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     defaults: dict[str, str] = {}
@@ -198,13 +199,12 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             complete = False
             if not update:  # an update keeps the table's own entry
                 entries.append(_default_entry(layer, bucket))
-            bar.update(len(routings) * len(tuning.bucket_edges(bucket, edges_of)) * len(cands))
+            bar.update(len(routings) * len(edges[bucket]) * len(cands))
             continue
         runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
-        for routing, T in [(r, T) for r in routings for T in sorted(tuning.bucket_edges(bucket, edges_of),
-                                                                   reverse=True)]:
+        for routing, T in [(r, T) for r in routings for T in sorted(edges[bucket], reverse=True)]:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)
