@@ -201,6 +201,26 @@ def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
         spec_from_dict(data)
 
 
+def _small_qwen3moe():
+    """qwen3moe at the README example's shape (H 512, I 256): down has a single k-step a tile."""
+    data = load_spec("qwen3moe").model_dump(mode="json")
+    data.update(name="qwen3moe_small", hidden_size=512, intermediate_size=256, num_experts=8, top_k=2)
+    return spec_from_dict(data)
+
+
+@pytest.mark.parametrize("spec", [*(load_spec(n) for n in shipped_spec_names()), _small_qwen3moe()],
+                         ids=[*shipped_spec_names(), "qwen3moe_small"])
+def test_wgmma_rings_hold_at_most_two_tiles_of_k_steps(spec) -> None:
+    """The wgmma kernels' claimed tile is kept in a slot that is rewritten two tiles on, so their ring
+    may be no deeper than two tiles' k-steps (stream.cuh static_asserts it): a shape with a single
+    k-step (down at I = 256) gets a two-stage ring however much shared memory the arch has."""
+    for k in enumerate_kernels(spec):
+        if k.family.startswith("stream_") and k.variant.startswith("w"):
+            k_steps = (spec.hidden_size if k.family == "stream_gate_up_silu" else spec.intermediate_size) // 256
+            for arch, stages in k.launch["stages"].items():
+                assert 2 <= stages <= 2 * k_steps, (k.uri, arch, stages)
+
+
 def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec) -> None:
     """Each stream kernel's CTA is a warp per 16 rows (of one matrix for wgmma gate+up), plus the
     copying warps of the wgmma kernels (a warp for down; a warpgroup for gate+up, whose registers

@@ -6,9 +6,9 @@ one aligned block's expert and all of the block's tokens (up to the block size, 
 side), and streams its tiles' quantized blocks and activations through a cp.async ring as deep
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
-where that fits), and on sm_90 the wgmma form w128 (blocks of 128, a warp per 16 rows of one
-matrix: twice the warps for gate+up; plus copying warps, a warp for down and a warpgroup for
-gate+up): the runtime has align use the variant's size.
+where that fits), and on sm_90 the wgmma forms w64 and w128 (blocks of 64 and 128, a warp per 16
+rows of one matrix: twice the warps for gate+up; plus copying warps, a warp for down and a
+warpgroup for gate+up): the runtime has align use the variant's size.
 """
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ WG_SCALE_TABLE_BYTES = 512
 wgmma form (WgFrag::SCALE_SLOTS entries of 8 bytes)."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
-WGMMA_BLOCK_SIZES = (128,)
+WGMMA_BLOCK_SIZES = (64, 128)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
-variant's size as an override): 128, a wgmma's N, so each dequantised weight serves twice the
-tokens of b64. w64 was no faster than b64 on an H200 (docs/perf-notes.md)."""
+variant's size as an override), each a wgmma's N: 128 for T >= ~1024 (each dequantised weight serves
+twice the tokens of b64), and 64, which dequantises once an expert of 33-64 tokens that b32x2 does
+twice: on an H200 it won qwen3moe's T = 641-1024 (-9 to -18 % uniform) and olmoe's 257-512 once the
+wgmma kernels had their copying warps (it had lost to b64 before them: docs/perf-notes.md)."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
@@ -189,7 +191,9 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     for bs, ctas, wg in [(bs, ctas, False) for bs, ctas in _variants(spec)] + wgmma:
         stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
-            stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
+            # no deeper than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)
+            k_steps = (spec.hidden_size if matrices == 2 else spec.intermediate_size) // QK_K
+            stages = {a: min(n, 2 * k_steps) for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
         rows = ROWS if wg else rows_for(ctas)
         stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
