@@ -138,7 +138,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations,
-                           routings=routings, update=args.update, **kwargs)
+                           routings=routings, update=args.update, midpoints=args.midpoints, **kwargs)
     except TuningError as err:
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-tune only --buckets in the card's existing table and keep its other buckets (after "
                         "adding a variant, say); a bucket new to the table narrows the next larger one, which is "
                         "re-tuned too")
+    p.add_argument("--midpoints", action="store_true",
+                   help="also time each bucket's middle count, not only its edges (a variant's gain inside a "
+                        "bucket can be even at both edges); half again the timings")
     p.set_defaults(func=_cmd_tune)
     from . import bench
 

@@ -2,12 +2,13 @@
 the winners into <bundle>/tuning/<gpu>.json, which the runtime then follows (ferrum_gen/tuning.py).
 
 For each bucket (powers of two from 1 to 4096) the tuner times both edges of the bucket
-(ferrum_gen.tuning.bucket_edges), under uniform and skewed routing, for every candidate: each path that can serve the bucket
+(ferrum_gen.tuning.bucket_edges; with midpoints also the count between them, tuning.timed_counts), under
+uniform and skewed routing, for every candidate: each path that can serve the bucket
 (decode only up to DECODE_TUNE_MAX tokens and grouped up to GROUPED_TUNE_MAX, where they can still win; a
 path the bundle has no kernels for is skipped) with every combination of
 its families' variants usable on this card. A candidate must first pass the reference check
 (bench.quick_check) at the bucket's largest count; one that fails can never win. One candidate
-serves both routings and both edges, so the winner (pick_winner) is the one whose worst run,
+serves both routings and every timed count, so the winner (pick_winner) is the one whose worst run,
 relative to the fastest candidate of that run, is least slow; among those within
 WORST_CASE_SLACK of it, the smallest sum of the medians. (Summing alone let a bucket trade one
 edge's large loss for smaller gains at the others: a tile 59 % slower at one edge won.) When the
@@ -62,7 +63,8 @@ class Candidate:
 
 def candidates(layer, bucket: int, edges: tuple[int, ...] | None = None) -> list[Candidate]:
     """Every (path, variant combination) that may serve the bucket on this card: each variant serves
-    every count of the bucket, so both of its edges (tuning.bucket_edges; the bucket alone by default).
+    every count of the bucket, so every count timed there, its edges among them (tuning.timed_counts; the
+    bucket alone by default).
     A fused kernel serves exactly one count, so it is a candidate only in a bucket of one count."""
     spec = layer.spec
     edges = edges or (bucket,)
@@ -117,7 +119,8 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
     tuned = {e.bucket for e in new.entries}
     updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
                                                  "elapsed_s": new.meta.get("elapsed_s"),
-                                                 "complete": new.meta.get("complete")}]
+                                                 "complete": new.meta.get("complete"),
+                                                 "midpoints": new.meta.get("midpoints", False)}]
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + list(new.entries), key=lambda e: e.bucket)
     per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
                   for key in ("default_rule_candidates", "rejected")}
@@ -154,11 +157,12 @@ def check_options(buckets: Iterable[int], budget_s: float, rotations: int) -> No
 
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
          buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
-         routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False) -> tuple[tuning.TuningTable, Path]:
+         routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False,
+         midpoints: bool = False) -> tuple[tuning.TuningTable, Path]:
     """Tune `buckets` and write the card's table. update: re-tune only these buckets of the table
     already there (update_plan: their edges follow from its buckets and these together, and a new
     bucket's next larger one is re-tuned too) and keep its others, also those the budget does not
-    reach."""
+    reach. midpoints: time each bucket's middle count too (tuning.timed_counts)."""
     check_options(buckets, budget_s, rotations)
     import cupy as cp
     from tqdm import tqdm
@@ -186,9 +190,9 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                      sorted(set(buckets) - set(asked)))
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
-    edges = {b: tuning.bucket_edges(b, edges_of) for b in buckets}
-    plan = [(b, candidates(layer, b, edges[b])) for b in sorted(buckets)]
-    total = sum(len(routings) * len(edges[b]) * len(c) for b, c in plan)
+    timed = {b: tuning.timed_counts(b, edges_of, midpoints) for b in buckets}
+    plan = [(b, candidates(layer, b, timed[b])) for b in sorted(buckets)]
+    total = sum(len(routings) * len(timed[b]) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     defaults: dict[str, str] = {}
@@ -199,12 +203,12 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             complete = False
             if not update:  # an update keeps the table's own entry
                 entries.append(_default_entry(layer, bucket))
-            bar.update(len(routings) * len(edges[bucket]) * len(cands))
+            bar.update(len(routings) * len(timed[bucket]) * len(cands))
             continue
         runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
-        for routing, T in [(r, T) for r in routings for T in sorted(edges[bucket], reverse=True)]:
+        for routing, T in [(r, T) for r in routings for T in sorted(timed[bucket], reverse=True)]:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)
@@ -238,6 +242,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
                                           {c.name: sum(r) for c, r in runs.items()}))
     bar.close()
+    counted = "edges and middle count" if midpoints else "edges"
     table = tuning.TuningTable(
         spec_name=spec.name, spec_hash=spec.spec_hash(), generator_version=__version__, gpu=layer.gpu_name,
         entries=entries,
@@ -248,7 +253,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "rotations": rotations,
             "replays": REPLAYS,
             "routings": list(routings),
-            "score": "timings_us: sum over the routings and the bucket's edges of the median microseconds per "
+            "midpoints": midpoints,
+            "score": f"timings_us: sum over the routings and the bucket's {counted} of the median microseconds per "
                      "forward (CUDA-graph replay); winner: least worst run relative to that run's fastest "
                      f"candidate (ties within {WORST_CASE_SLACK:.0%}), then least sum",
             "rejected": rejected,

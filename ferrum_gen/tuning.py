@@ -83,6 +83,16 @@ def bucket_edges(bucket: int, buckets: Iterable[int] = BUCKETS) -> tuple[int, ..
     return (bucket,) if low >= bucket else (low, bucket)
 
 
+def timed_counts(bucket: int, buckets: Iterable[int] = BUCKETS, midpoint: bool = False) -> tuple[int, ...]:
+    """The token counts the tuner times for a bucket: its edges (bucket_edges), and with midpoint also the
+    count halfway between them where there is one. The edges alone can hide a variant's gain inside a
+    bucket: mixtral's w128 was 17-20 % faster at T = 320-448 but even with b64 at 257 (docs/perf-notes.md)."""
+    edges = bucket_edges(bucket, buckets)
+    if not midpoint or len(edges) == 1 or edges[1] - edges[0] < 2:
+        return edges
+    return (edges[0], (edges[0] + edges[1]) // 2, edges[1])
+
+
 def decode_possible(spec: MoeSpec, tokens: int) -> bool:
     return tokens * spec.top_k <= MAX_DECODE_PAIRS
 

@@ -197,3 +197,28 @@ def test_bench_and_tune_refuse_unusable_options_before_looking_for_a_gpu(monkeyp
     assert main([command, "--spec", "qwen3moe", *args]) == 2
     err = capsys.readouterr().err
     assert option in err and "GPU" not in err
+
+
+def test_tune_passes_its_options_to_the_tuner(monkeypatch, capsys) -> None:
+    """--midpoints, --routing and --update reach tune() (stopped there: no GPU is needed)."""
+    import types
+
+    from ferrum_gen import tune as tune_module
+    from ferrum_gen.tuning import TuningError
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)  # the CLI's GPU check passes
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    seen = {}
+
+    def stop(spec, out, **kwargs):
+        seen.update(kwargs)
+        raise TuningError("stopped before any GPU work")
+
+    monkeypatch.setattr(tune_module, "tune", stop)
+    args = ["tune", "--spec", "qwen3moe", "--buckets", "512", "1024", "--routing", "skewed", "--update"]
+    assert main([*args, "--midpoints"]) == 2
+    assert seen["midpoints"] is True and seen["routings"] == ("skewed",) and seen["update"] is True
+    assert seen["buckets"] == (512, 1024)
+    assert "stopped before any GPU work" in capsys.readouterr().err
+    assert main(args) == 2
+    assert seen["midpoints"] is False

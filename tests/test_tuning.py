@@ -145,6 +145,15 @@ def test_buckets_between_powers_of_two_take_the_counts_above_their_smaller_neigh
         tuning.bucket_edges(96, finer)
 
 
+def test_midpoints_add_each_buckets_middle_count_where_it_has_one() -> None:
+    for b in tuning.BUCKETS:
+        assert tuning.timed_counts(b) == tuning.bucket_edges(b)
+    assert tuning.timed_counts(2, midpoint=True) == (2,) and tuning.timed_counts(4, midpoint=True) == (3, 4)
+    assert tuning.timed_counts(8, midpoint=True) == (5, 6, 8)
+    assert tuning.timed_counts(512, midpoint=True) == (257, 384, 512)
+    assert tuning.timed_counts(192, (64, 128, 192, 256), midpoint=True) == (129, 160, 192)
+
+
 def test_table_round_trips_through_its_file(tmp_path, spec) -> None:
     table = table_for(spec, [tuning.TuningEntry(1, "decode", {"gemv_gate_up_silu": "w8", "gemv_down_combine": "w4"},
                                                 {"decode:a": 10.0})])
@@ -330,7 +339,7 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     old = bare_table([tuning.TuningEntry(b, "grouped", {"f": "a"}) for b in (1, 16, 32, 64)],
                      {"complete": True, "default_rule_candidates": {"1": "g", "16": "g"}, "rejected": {}})
     new = bare_table([tuning.TuningEntry(16, "stream", {"f": "b16"}), tuning.TuningEntry(32, "stream", {"f": "b16"})],
-                     {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True,
+                     {"date": "2026-11-29", "elapsed_s": 12.0, "complete": True, "midpoints": True,
                       "default_rule_candidates": {"16": "s", "32": "s"}, "rejected": {"32:x": "rel err 1"}})
     merged = merge_update(old, new)
     assert [(e.bucket, e.path) for e in merged.entries] == [(1, "grouped"), (16, "stream"), (32, "stream"),
@@ -338,9 +347,10 @@ def test_an_update_replaces_only_the_retuned_buckets_and_records_itself() -> Non
     assert merged.meta["default_rule_candidates"] == {"1": "g", "16": "s", "32": "s"}
     assert merged.meta["rejected"] == {"32:x": "rel err 1"}
     assert merged.meta["complete"] is True and merged.meta["updates"] == [
-        {"buckets": [16, 32], "date": "2026-11-29", "elapsed_s": 12.0, "complete": True}]
+        {"buckets": [16, 32], "date": "2026-11-29", "elapsed_s": 12.0, "complete": True, "midpoints": True}]
     again = merge_update(merged, bare_table([tuning.TuningEntry(64, "stream", {"f": "b32"})], {"date": "d2"}))
     assert [u["buckets"] for u in again.meta["updates"]] == [[16, 32], [64]]
+    assert again.meta["updates"][-1]["midpoints"] is False  # a table from before the option: edges only
     assert again.source == "old.json"
 
 
