@@ -61,13 +61,13 @@ class Candidate:
         return tuning.candidate_name(self.path, self.variants)
 
 
-def candidates(layer, bucket: int, edges: tuple[int, ...] | None = None) -> list[Candidate]:
+def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None) -> list[Candidate]:
     """Every (path, variant combination) that may serve the bucket on this card: each variant serves
     every count of the bucket, so every count timed there, its edges among them (tuning.timed_counts; the
     bucket alone by default).
     A fused kernel serves exactly one count, so it is a candidate only in a bucket of one count."""
     spec = layer.spec
-    edges = edges or (bucket,)
+    counts = counts or (bucket,)
     out = []
     for path in tuning.PATHS:
         if not tuning.path_available(path, layer.variants):
@@ -79,7 +79,7 @@ def candidates(layer, bucket: int, edges: tuple[int, ...] | None = None) -> list
         if path == "stream" and bucket < STREAM_TUNE_MIN:
             continue
         families = tuning.PATH_FAMILIES[path]
-        serving = [sorted(v for v in layer.variants[f] if all(layer.variant_refusal(f, v, t) is None for t in edges))
+        serving = [sorted(v for v in layer.variants[f] if all(layer.variant_refusal(f, v, t) is None for t in counts))
                    for f in families]
         for combo in itertools.product(*serving):
             if path in tuning.LOCKSTEP_PATHS and len(set(combo)) > 1:

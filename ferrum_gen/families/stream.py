@@ -145,14 +145,18 @@ def stages_by_arch(spec: MoeSpec, stage: int, ctas: int, static: int = STATIC_SM
 
 def _stages(spec: MoeSpec, block_size: int, ctas: int, wgmma: bool = False) -> tuple[dict[str, int], dict[str, int]]:
     """(gate+up, down) ring depth per arch, for the archs where both kernels fit: a variant is
-    the block size align uses, so both families have it or neither does."""
+    the block size align uses, so both families have it or neither does. A wgmma ring is no deeper
+    than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)."""
     q, rows = spec.quant, rows_for(ctas)
     gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas,
                              static_smem(q.gate, 2, rows, ctas, wgmma))
     down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, rows), ctas,
                           static_smem(q.down, 1, rows, ctas, wgmma))
     both = gate_up.keys() & down.keys()
-    return {a: s for a, s in gate_up.items() if a in both}, {a: s for a, s in down.items() if a in both}
+    gate_up_cap = 2 * spec.hidden_size // QK_K if wgmma else MAX_STAGES
+    down_cap = 2 * spec.intermediate_size // QK_K if wgmma else MAX_STAGES
+    return ({a: min(s, gate_up_cap) for a, s in gate_up.items() if a in both},
+            {a: min(s, down_cap) for a, s in down.items() if a in both})
 
 
 def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
@@ -191,9 +195,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     for bs, ctas, wg in [(bs, ctas, False) for bs, ctas in _variants(spec)] + wgmma:
         stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
-            # no deeper than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)
-            k_steps = (spec.hidden_size if matrices == 2 else spec.intermediate_size) // QK_K
-            stages = {a: min(n, 2 * k_steps) for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
+            stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
         rows = ROWS if wg else rows_for(ctas)
         stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
