@@ -114,19 +114,62 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
     default-rule candidates and rejections added to its meta, and the update recorded there (the
-    buckets, date and elapsed time of each update, in order). A table the budget left incomplete
+    buckets, date and elapsed time of each update, in order). A bucket pinned by hand in the table's
+    meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
     (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
+    overrides = dict(table.meta.get("overrides", {}))
+    kept = {e.bucket: e for e in table.entries}
+    new_entries = [_honour_override(e, kept.get(e.bucket), overrides) for e in new.entries]
     updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
                                                  "elapsed_s": new.meta.get("elapsed_s"),
                                                  "complete": new.meta.get("complete"),
                                                  "midpoints": new.meta.get("midpoints", False)}]
-    entries = sorted([e for e in table.entries if e.bucket not in tuned] + list(new.entries), key=lambda e: e.bucket)
+    entries = sorted([e for e in table.entries if e.bucket not in tuned] + new_entries, key=lambda e: e.bucket)
     per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
                   for key in ("default_rule_candidates", "rejected")}
     complete = bool(table.meta.get("complete")) or all(e.timings_us for e in entries)
-    return tuning.TuningTable(table.spec_name, table.spec_hash, table.generator_version, table.gpu, entries,
-                              {**table.meta, **per_bucket, "updates": updates, "complete": complete}, table.source)
+    meta = {**table.meta, **per_bucket, "updates": updates, "complete": complete}
+    if overrides:
+        meta["overrides"] = overrides
+    else:
+        meta.pop("overrides", None)
+    return tuning.TuningTable(table.spec_name, table.spec_hash, table.generator_version, table.gpu, entries, meta,
+                              table.source)
+
+
+def _honour_override(tuned: tuning.TuningEntry, before: tuning.TuningEntry | None,
+                     overrides: dict[str, str]) -> tuning.TuningEntry:
+    """A re-tuned bucket that the table's meta.overrides pins by hand (bucket -> why) keeps its choice, with
+    the new timings, as long as the tuner timed that choice (it passed the reference check and still serves
+    the bucket); else the pin is removed from `overrides` and the tuner's pick stands. Either way the log says
+    so, since the tuner's own pick was set aside or a hand decision was dropped."""
+    reason = overrides.get(str(tuned.bucket))
+    if reason is None or before is None:
+        return tuned
+    pinned, picked = _candidate(before.path, before.variants).name, _candidate(tuned.path, tuned.variants).name
+    if pinned in tuned.timings_us:
+        if pinned != picked:
+            log.warning("tune --update: bucket %d keeps %s, pinned by hand in the table's meta.overrides (%s); "
+                        "the tuner picked %s. Delete that override to take the tuner's pick.",
+                        tuned.bucket, pinned, reason, picked)
+        return tuning.TuningEntry(tuned.bucket, before.path, dict(before.variants), tuned.timings_us)
+    del overrides[str(tuned.bucket)]
+    log.warning("tune --update: bucket %d's hand pin %s (meta.overrides: %s) was not timed this time (it failed "
+                "the reference check or no longer serves the bucket), so the pin is dropped and %s is taken.",
+                tuned.bucket, pinned, reason, picked)
+    return tuned
+
+
+def _warn_of_dropped_overrides(path: Path) -> None:
+    """A full tune writes a new table: say which hand pins of the one it replaces are lost."""
+    try:
+        pins = tuning.TuningTable.load(path).meta.get("overrides", {}) if path.is_file() else {}
+    except tuning.TuningError:
+        return
+    if pins:
+        log.warning("tune: the table at %s pins buckets %s by hand (meta.overrides); a full tune replaces it and "
+                    "drops them. Use --update to re-time buckets and keep the pins.", path, sorted(pins, key=int))
 
 
 def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -178,6 +221,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     path = tuning.table_path(Path(out_root) / spec.name, gpu_name)
     old = None
     edges_of = buckets
+    if not update:
+        _warn_of_dropped_overrides(path)
     if update:
         if not path.is_file():
             raise tuning.TuningError(f"tune --update: there is no table at {path} to update; tune every bucket first")

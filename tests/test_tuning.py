@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +396,56 @@ def test_tune_update_without_a_table_is_a_clear_error(monkeypatch, capsys, tmp_p
     assert main(["tune", "--spec", "qwen3moe", "--update", "--buckets", "8", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no table" in err and "Traceback" not in err
+
+
+def stream_variants(variant: str) -> dict[str, str]:
+    """A stream entry's variants: both families on one variant (the lockstep rule)."""
+    return {family: variant for family in tuning.PATH_FAMILIES["stream"]}
+
+
+def stream_name(variant: str) -> str:
+    return tuning.candidate_name("stream", tuple(stream_variants(variant).items()))
+
+
+def test_a_bucket_pinned_by_hand_keeps_its_choice_through_an_update_with_the_new_timings(caplog) -> None:
+    from ferrum_gen.tune import merge_update
+
+    hand, tuner = stream_variants("b32x2"), stream_variants("b64")
+    timings = {stream_name("b32x2"): 1751.9, stream_name("b64"): 1771.6}
+    old = bare_table([tuning.TuningEntry(512, "stream", hand), tuning.TuningEntry(640, "stream", hand),
+                      tuning.TuningEntry(768, "stream", stream_variants("w64"))],
+                     {"overrides": {"640": "b32x2 by hand: b64 trades skewed routing for uniform"}})
+    new = bare_table([tuning.TuningEntry(512, "stream", tuner, timings), tuning.TuningEntry(640, "stream", tuner, timings)],
+                     {"date": "d"})
+    with caplog.at_level("WARNING", logger="ferrum_gen"):
+        merged = merge_update(old, new)
+    by_bucket = {e.bucket: e for e in merged.entries}
+    assert by_bucket[640].variants == hand and by_bucket[640].timings_us == timings  # pinned, re-timed
+    assert by_bucket[512].variants == tuner  # not pinned: the tuner's pick
+    assert merged.meta["overrides"] == old.meta["overrides"]
+    assert f"bucket 640 keeps {stream_name('b32x2')}" in caplog.text and stream_name("b64") in caplog.text
+
+
+def test_a_pin_the_tuner_did_not_time_is_dropped_and_said_so(caplog) -> None:
+    from ferrum_gen.tune import merge_update
+
+    old = bare_table([tuning.TuningEntry(640, "stream", stream_variants("b32x2"))], {"overrides": {"640": "by hand"}})
+    # b32x2 failed the reference check this time (or no longer serves 640): it has no timing, so it cannot stay
+    new = bare_table([tuning.TuningEntry(640, "stream", stream_variants("b64"), {stream_name("b64"): 1771.6})],
+                     {"date": "d"})
+    with caplog.at_level("WARNING", logger="ferrum_gen"):
+        merged = merge_update(old, new)
+    assert merged.entries[0].variants == stream_variants("b64")
+    assert "overrides" not in merged.meta
+    assert f"pin {stream_name('b32x2')}" in caplog.text and "dropped" in caplog.text
+
+
+def test_every_shipped_tables_hand_pins_name_a_bucket_the_table_has() -> None:
+    tables = sorted((Path(__file__).resolve().parents[1] / "generated").glob("*/tuning/*.json"))
+    assert tables
+    for path in tables:
+        table = tuning.TuningTable.load(path)
+        buckets = {str(e.bucket) for e in table.entries}
+        for bucket, reason in table.meta.get("overrides", {}).items():
+            assert bucket in buckets, f"{path}: meta.overrides pins bucket {bucket}, which the table has not"
+            assert reason.strip(), f"{path}: meta.overrides[{bucket}] gives no reason"
