@@ -202,6 +202,14 @@ class TuningTable:
         for e in table.entries:
             if e.path not in PATHS:
                 raise TuningError(f"tuning table {path}: bucket {e.bucket} names path {e.path!r}, not one of {PATHS}")
+        pins = table.meta.get("overrides", {})
+        buckets = {str(e.bucket) for e in table.entries}
+        if not isinstance(pins, dict) or not all(isinstance(why, str) and why.strip() for why in pins.values()):
+            raise TuningError(f"tuning table {path}: meta.overrides must map a bucket to the reason it is pinned by "
+                              'hand, e.g. {"640": "why"}')
+        if unknown := sorted(set(pins) - buckets):
+            raise TuningError(f"tuning table {path}: meta.overrides pins bucket(s) {', '.join(unknown)}, which the "
+                              f"table has not (its buckets: {', '.join(sorted(buckets, key=int))}); remove them")
         return table
 
     def check_matches(self, spec: MoeSpec, gpu_name: str) -> None:
