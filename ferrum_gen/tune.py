@@ -221,8 +221,6 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     path = tuning.table_path(Path(out_root) / spec.name, gpu_name)
     old = None
     edges_of = buckets
-    if not update:
-        _warn_of_dropped_overrides(path)
     if update:
         if not path.is_file():
             raise tuning.TuningError(f"tune --update: there is no table at {path} to update; tune every bucket first")
@@ -233,6 +231,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         if set(buckets) != set(asked):
             log.info("tune --update: also re-tuning %s, whose edges the new buckets narrow",
                      sorted(set(buckets) - set(asked)))
+    else:
+        _warn_of_dropped_overrides(path)
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     timed = {b: tuning.timed_counts(b, edges_of, midpoints) for b in buckets}
