@@ -151,7 +151,8 @@ def _honour_override(tuned: tuning.TuningEntry, before: tuning.TuningEntry | Non
     if pinned in tuned.timings_us:
         if pinned != picked:
             log.warning("tune --update: bucket %d keeps %s, pinned by hand in the table's meta.overrides (%s); "
-                        "the tuner picked %s. Delete that override to take the tuner's pick.",
+                        "the tuner picked %s. To take the pick, delete that override and run tune --update on the "
+                        "bucket again.",
                         tuned.bucket, pinned, reason, picked)
         return tuning.TuningEntry(tuned.bucket, before.path, dict(before.variants), tuned.timings_us)
     del overrides[str(tuned.bucket)]
