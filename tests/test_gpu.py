@@ -18,6 +18,8 @@ from ferrum_gen.quant import dequantize, random_matrix_bytes
 from ferrum_gen.settings import Settings
 from ferrum_gen.spec import ActivationDtype, MoeSpec, load_spec, shipped_spec_names
 
+from conftest import TEST_SEED
+
 try:
     import cupy as cp
 
@@ -187,7 +189,11 @@ def case(request) -> Case:
 
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-    return np.random.default_rng()  # fresh inputs every run, by design
+    """Fresh inputs every run, by design; the seed is printed so that a failure can be replayed
+    (conftest.py: FERRUM_TEST_SEED)."""
+    seed = TEST_SEED if TEST_SEED is not None else int(np.random.SeedSequence().entropy)
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
 
 
 # --- kernels, stage by stage ----------------------------------------------------------------

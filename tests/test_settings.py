@@ -263,3 +263,17 @@ def test_relative_cache_dir_is_resolved_once(tmp_path: Path, monkeypatch: pytest
     assert s.cache_dir == tmp_path / "rel" / "cache" and s.cache_dir.is_absolute()
     monkeypatch.chdir("/")
     assert s.cache_dir == tmp_path / "rel" / "cache"
+
+
+def test_the_test_seed_is_an_integer_or_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FERRUM_TEST_SEED (tests/conftest.py) replays a GPU test's inputs; a bad value says what to give."""
+    import conftest
+
+    monkeypatch.delenv("FERRUM_TEST_SEED", raising=False)
+    assert conftest._test_seed() is None
+    monkeypatch.setenv("FERRUM_TEST_SEED", " 1234 ")
+    assert conftest._test_seed() == 1234
+    for bad in ("-1", "0x10", "seed"):
+        monkeypatch.setenv("FERRUM_TEST_SEED", bad)
+        with pytest.raises(ValueError, match="FERRUM_TEST_SEED=.*non-negative integer"):
+            conftest._test_seed()
