@@ -52,7 +52,8 @@ WGMMA_BLOCK_SIZES = (64, 128)
 variant's size as an override), each a wgmma's N: 128 for T >= ~1024 (each dequantised weight serves
 twice the tokens of b64), and 64, which dequantises once an expert of 33-64 tokens that b32x2 does
 twice: on an H200 it won qwen3moe's T = 641-1024 (-9 to -18 % uniform) and olmoe's 257-512 once the
-wgmma kernels had their copying warps (it had lost to b64 before them: docs/perf-notes.md)."""
+wgmma kernels had their copying warps (it had lost to b64 before them), and qwen3moe's 513-640 once each
+block's wgmma was only as wide as its real pairs (docs/perf-notes.md)."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
