@@ -734,8 +734,9 @@ class MoeLayer:
             ("align", align),
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
-            ("combine", lambda: self._launch(self.k_combine, (T,), stream, dependent=dependent, y=self.y_sorted,
-                                             pairs_by_token=self.pairs_by_token, weights=self.weights, out=out_c)),
+            ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
+                                             dependent=dependent, y=self.y_sorted, pairs_by_token=self.pairs_by_token,
+                                             weights=self.weights, out=out_c)),
         ])
 
     # --- helpers ------------------------------------------------------------------
