@@ -11,8 +11,8 @@ import pytest
 
 from ferrum_gen import __version__
 from ferrum_gen.enumerate import enumerate_kernels
-from ferrum_gen.families import fused_moe, stream
-from ferrum_gen.families.base import SMEM_LIMIT
+from ferrum_gen.families import combine, fused_moe, stream
+from ferrum_gen.families.base import ACT_BYTES, SMEM_LIMIT
 from ferrum_gen.families.grouped import supported as grouped_supported
 from ferrum_gen.render import MANIFEST, _ENV, bundle_files, render_spec, template_hash, write_bundle
 from ferrum_gen.spec import Arch, SpecError, load_spec, shipped_spec_names, spec_from_dict
@@ -290,3 +290,13 @@ def test_the_fused_kernels_rings_fit_and_give_each_slot_to_one_warp(spec) -> Non
             assert k.launch["threads"] == dn_warps * 32, k.uri
             assert k.launch["smem_bytes"] == {fused_moe.ARCH.value: geo["smem"]}, k.uri
             assert geo["smem"] + fused_moe.SMEM_MARGIN <= SMEM_LIMIT[fused_moe.ARCH], k.uri
+
+
+def test_the_combine_grid_gives_each_16_byte_span_of_a_row_one_thread(spec) -> None:
+    """The combine's CTAs a token cover the hidden size with one 16-byte span a thread and no loop, in
+    whole warps, and each CTA has the K_TOP threads that stage the token's slots and weights."""
+    (k,) = [k for k in enumerate_kernels(spec) if k.family == "combine"]
+    threads, ctas, vec = k.launch["threads"], k.launch["ctas_per_token"], k.values["VEC"]
+    assert vec * ACT_BYTES[spec.activation_dtype] == 16
+    assert threads % 32 == 0 and spec.top_k <= threads <= combine.MAX_THREADS
+    assert (ctas - 1) * threads * vec < spec.hidden_size <= ctas * threads * vec
