@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import math
 import operator
 import shlex
 import subprocess
@@ -445,12 +446,19 @@ class Comparison:
         return "\n".join(rows)
 
 
+def check_threshold(threshold: float) -> None:
+    """Refuse a --compare threshold that is not a finite fraction >= 0 (NaN included): the CLI asks before a
+    run of minutes, compare() before it compares."""
+    if not 0 <= threshold < math.inf:
+        raise BenchError(f"--threshold {threshold}: give the slowdown that fails --compare as a fraction of at "
+                         "least 0, e.g. 0.05 for 5 %")
+
+
 def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRESHOLD) -> Comparison:
     """Median against median for every (T, path, routing) in both results, with a note for each case
     whose inputs routed to other experts (results saved before inputs were drawn per case, or with
     another seed): there the medians alone do not compare like with like."""
-    if threshold < 0:
-        raise BenchError(f"--threshold {threshold}: give a fraction >= 0, e.g. 0.05 for 5 %")
+    check_threshold(threshold)
     old_cases, new_cases = old.case_map(), new.case_map()
     changes = [CaseChange(k, old_cases[k].median_us, new_cases[k].median_us) for k in old_cases if k in new_cases]
     notes = []

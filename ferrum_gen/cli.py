@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import warnings
@@ -159,9 +158,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise bench.BenchError("--against and --from-json both name a saved result: give one of them")
         if args.plot:
             bench.check_plot_support()  # before a run of minutes, not after it
-        if not 0 <= args.threshold < math.inf:  # also NaN
-            raise bench.BenchError(f"--threshold {args.threshold}: give the slowdown that fails --compare as a "
-                                   "fraction of at least 0, e.g. 0.05 for 5 %")
+        bench.check_threshold(args.threshold)  # before a run of minutes, not after it
         old = bench.load_result(args.compare) if args.compare is not None else None
         saved = args.against or args.from_json
         if saved is not None:
