@@ -7,8 +7,9 @@ side), and streams its tiles' quantized blocks and activations through a cp.asyn
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
 where that fits), and on sm_90 the wgmma forms w64 and w128 (blocks of 64 and 128, a warp per 16
-rows of one matrix: twice the warps for gate+up; plus copying warps, a warp for down and a
-warpgroup for gate+up): the runtime has align use the variant's size.
+rows of one matrix: twice the warps for gate+up, and twice the rows for w64's down, wg_down_rows;
+plus copying warps, a warp for down and a warpgroup for gate+up): the runtime has align use the
+variant's size.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ REGISTER_FILE = 65536
 REGISTER_GRANULE = 8
 """Registers a thread are allocated, and setmaxnreg takes them, in multiples of this."""
 WARPGROUP_WARPS = 4
+WG_DOWN_TALL_ROWS = 256
+"""Rows a tile of a wgmma down kernel takes where two stages of them fit and its block size is at most
+WG_DOWN_TALL_MAX_BLOCK (ROWS elsewhere): 16 multiplying warps read each step's tokens, so a block's
+tokens are copied H / 256 times instead of H / 128. The down kernels' steps are bound by the bytes
+their SMs take in, tokens most (docs/perf-notes.md)."""
+WG_DOWN_TALL_MAX_BLOCK = 64
+"""The largest block size of a tall down tile: 17 warps leave 120 registers a thread, which holds a warp's
+BS / 2 accumulators a thread at 64 tokens but not at 128 (w128 down takes 141)."""
 
 
 def registers_at_launch(threads: int) -> int:
@@ -117,6 +126,17 @@ def rows_for(ctas: int) -> int:
     return 16 * (SMALL_WARPS if ctas == CTAS_PER_SM[-1] else WARPS)
 
 
+def wg_down_rows(spec: MoeSpec, block_size: int) -> int:
+    """Rows a tile of the wgmma down kernel of this block size: WG_DOWN_TALL_ROWS where the block is
+    small enough for the registers, the rows divide H and a ring of two stages of them fits every
+    wgmma arch the spec targets; ROWS otherwise."""
+    tall, qd = WG_DOWN_TALL_ROWS, spec.quant.down
+    if block_size > WG_DOWN_TALL_MAX_BLOCK or spec.hidden_size % tall:
+        return ROWS
+    fitting = stages_by_arch(spec, stage_bytes(qd, 1, block_size, tall), 1, static_smem(qd, 1, tall, 1, True))
+    return tall if all(a.value in fitting for a in WGMMA_ARCHS if a in spec.target_archs) else ROWS
+
+
 def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS) -> int:
     """One k-step of a tile: each matrix's `rows` quantized blocks, and the block's activations."""
     return matrices * rows * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
@@ -149,10 +169,11 @@ def _stages(spec: MoeSpec, block_size: int, ctas: int, wgmma: bool = False) -> t
     the block size align uses, so both families have it or neither does. A wgmma ring is no deeper
     than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)."""
     q, rows = spec.quant, rows_for(ctas)
+    down_rows = wg_down_rows(spec, block_size) if wgmma else rows
     gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas,
                              static_smem(q.gate, 2, rows, ctas, wgmma))
-    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, rows), ctas,
-                          static_smem(q.down, 1, rows, ctas, wgmma))
+    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, down_rows), ctas,
+                          static_smem(q.down, 1, down_rows, ctas, wgmma))
     both = gate_up.keys() & down.keys()
     gate_up_cap = 2 * spec.hidden_size // QK_K if wgmma else MAX_STAGES
     down_cap = 2 * spec.intermediate_size // QK_K if wgmma else MAX_STAGES
@@ -197,7 +218,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
             stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
-        rows = ROWS if wg else rows_for(ctas)
+        rows = (wg_down_rows(spec, bs) if matrices == 1 else ROWS) if wg else rows_for(ctas)
         stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]

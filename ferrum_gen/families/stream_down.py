@@ -1,4 +1,5 @@
-"""Stream down family: an aligned block's expert's 128 down rows times the block's rows of a."""
+"""Stream down family: an aligned block's expert's 128 down rows (256 in the tall wgmma tiles) times the
+block's rows of a."""
 
 from __future__ import annotations
 

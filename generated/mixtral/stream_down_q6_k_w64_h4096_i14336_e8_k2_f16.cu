@@ -1159,11 +1159,11 @@ namespace fg {
 // The ring's depth on the arch being compiled, and the dynamic shared memory the manifest gives
 // it there: as many stages as fit the arch's shared memory, up to the most that pay.
 __host__ __device__ constexpr int stream_stages(int arch) {
-  if (arch == 900) return 3;
+  if (arch == 900) return 2;
   return 2;  // an arch this kernel is not used on (it is still compiled for every target arch)
 }
 __host__ __device__ constexpr int stream_smem(int arch) {
-  if (arch == 900) return 184320;
+  if (arch == 900) return 176128;
   return 0;
 }
 #ifdef __CUDA_ARCH__
@@ -2063,7 +2063,7 @@ __device__ __forceinline__ void stream_tiles(u8* smem, const int* sorted_ids, co
 
 
 
-// Stream path, second half: for each aligned block (block size BS=64) and each 128-row
+// Stream path, second half: for each aligned block (block size BS=64) and each 256-row
 // tile of the block's expert's down projection, y[slot] = Wd[e] a[slot] for the block's real
 // slots (stream.cuh), in sorted order as __half; the combine kernel then sums each token's
 // k rows with the router weights. Persistent grid; idle when align chose another block size.
@@ -2071,8 +2071,8 @@ namespace {
 constexpr int H = 4096;
 constexpr int I = 14336;
 constexpr int BS = 64;
-constexpr int ROWS = 128;
-constexpr int THREADS = 288;
+constexpr int ROWS = 256;
+constexpr int THREADS = 544;
 constexpr bool WG = true;  // wgmma (sm_90a) instead of mma.sync
 constexpr int PRODUCER_WARPS = 1;  // last warps that only copy (stream.cuh)
 // registers a thread of the copying and of the multiplying warps (setmaxnreg; 0: as at launch)
