@@ -302,10 +302,10 @@ def test_the_combine_grid_gives_each_16_byte_span_of_a_row_one_thread(spec) -> N
     assert (ctas - 1) * threads * vec < spec.hidden_size <= ctas * threads * vec
 
 
-def test_wgmma_down_kernels_take_tall_tiles_up_to_64_tokens_a_block(spec) -> None:
-    """w64's down takes WG_DOWN_TALL_ROWS rows a tile (its block's tokens copied half as often as at
-    128) with a ring of at least two stages, on every shipped spec; w128's keeps 128, since 17 warps
-    leave too few registers for its accumulators. The tile's 16-row slices are one warp each."""
+def test_wgmma_down_kernels_take_tall_tiles_up_to_96_tokens_a_block(spec) -> None:
+    """The down of w64 and w96 takes WG_DOWN_TALL_ROWS rows a tile (its block's tokens copied half as
+    often as at 128) with a ring of at least two stages, on every shipped spec; w128's keeps 128, since
+    17 warps leave too few registers for its accumulators."""
     for k in enumerate_kernels(spec):
         if k.family == "stream_down" and k.variant.startswith("w"):
             tall = k.launch["block_size"] <= stream.WG_DOWN_TALL_MAX_BLOCK

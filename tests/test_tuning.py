@@ -306,7 +306,7 @@ def test_the_stream_families_take_one_variant_together() -> None:
 
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == [f"stream:stream_gate_up_silu={v},stream_down={v}"
-                                              for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b64", "w128", "w64")]
+                                              for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b64", "w128", "w64", "w96")]
     # timed from STREAM_TUNE_MIN up, never below (align and combine cost more than the kernels save there)
     assert [c for c in candidates(Layer, STREAM_TUNE_MIN) if c.path == "stream"]
     assert not [c for c in candidates(Layer, STREAM_TUNE_MIN - 1) if c.path == "stream"]

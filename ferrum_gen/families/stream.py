@@ -6,8 +6,9 @@ one aligned block's expert and all of the block's tokens (up to the block size, 
 side), and streams its tiles' quantized blocks and activations through a cp.async ring as deep
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
-where that fits), and on sm_90 the wgmma forms w64 and w128 (blocks of 64 and 128, a warp per 16
-rows of one matrix: twice the warps for gate+up, and twice the rows for w64's down, wg_down_rows;
+where that fits), and on sm_90 the wgmma forms w64, w96 and w128 (blocks of 64, 96 and 128, a warp per 16
+rows of one matrix: twice the warps for gate+up, and twice the rows for the down of w64 and w96,
+wg_down_rows;
 plus copying warps, a warp for down and a warpgroup for gate+up): the runtime has align use the
 variant's size.
 """
@@ -48,13 +49,15 @@ WG_SCALE_TABLE_BYTES = 512
 wgmma form (WgFrag::SCALE_SLOTS entries of 8 bytes)."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
-WGMMA_BLOCK_SIZES = (64, 128)
+WGMMA_BLOCK_SIZES = (64, 96, 128)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
 variant's size as an override), each a wgmma's N: 128 for T >= ~1024 (each dequantised weight serves
 twice the tokens of b64), and 64, which dequantises once an expert of 33-64 tokens that b32x2 does
 twice: on an H200 it won qwen3moe's T = 641-1024 (-9 to -18 % uniform) and olmoe's 257-512 once the
 wgmma kernels had their copying warps (it had lost to b64 before them), and qwen3moe's 513-640 once each
-block's wgmma was only as wide as its real pairs (docs/perf-notes.md)."""
+block's wgmma was only as wide as its real pairs. 96 holds an expert of 65-96 tokens in one block (w64
+reads it twice) with w64's tall down, where w128's down is half as tall: on an H200 it took qwen3moe's
+T = 897-1408 (-6 to -16 % uniform) and olmoe's 513-768 (up to -19 %) (docs/perf-notes.md)."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
@@ -75,9 +78,10 @@ WG_DOWN_TALL_ROWS = 256
 WG_DOWN_TALL_MAX_BLOCK (ROWS elsewhere): 16 multiplying warps read each step's tokens, so a block's
 tokens are copied H / 256 times instead of H / 128. The down kernels' steps are bound by the bytes
 their SMs take in, tokens most (docs/perf-notes.md)."""
-WG_DOWN_TALL_MAX_BLOCK = 64
-"""The largest block size of a tall down tile: 17 warps leave 120 registers a thread, which holds a warp's
-BS / 2 accumulators a thread at 64 tokens but not at 128 (w128 down takes 141)."""
+WG_DOWN_TALL_MAX_BLOCK = 96
+"""The largest block size of a tall down tile: a CTA of 17 warps gets 96 registers a thread (ptxas counts
+whole warpgroups), which hold a warp's BS / 2 accumulators a thread at 64 tokens, at 96 with 16-20 bytes
+spilled, and not at 128 (w128's down takes 141)."""
 
 
 def registers_at_launch(threads: int) -> int:
