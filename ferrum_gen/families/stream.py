@@ -6,11 +6,10 @@ one aligned block's expert and all of the block's tokens (up to the block size, 
 side), and streams its tiles' quantized blocks and activations through a cp.async ring as deep
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
-where that fits), and on sm_90 the wgmma forms w64, w96 and w128 (blocks of 64, 96 and 128, a warp per 16
-rows of one matrix: twice the warps for gate+up, and twice the rows for the down of w64 and w96,
-wg_down_rows;
-plus copying warps, a warp for down and a warpgroup for gate+up): the runtime has align use the
-variant's size.
+where that fits), and on sm_90 the wgmma forms w64, w96 and w128 (blocks of 64, 96 and 128, a warp
+per 16 rows of one matrix: twice the warps for gate+up, and twice the rows for the down of w64 and
+w96, wg_down_rows; plus copying warps, a warp for down and a warpgroup for gate+up): the runtime has
+align use the variant's size.
 """
 
 from __future__ import annotations
@@ -56,8 +55,9 @@ twice the tokens of b64), and 64, which dequantises once an expert of 33-64 toke
 twice: on an H200 it won qwen3moe's T = 641-1024 (-9 to -18 % uniform) and olmoe's 257-512 once the
 wgmma kernels had their copying warps (it had lost to b64 before them), and qwen3moe's 513-640 once each
 block's wgmma was only as wide as its real pairs. 96 holds an expert of 65-96 tokens in one block (w64
-reads it twice) with w64's tall down, where w128's down is half as tall: on an H200 it took qwen3moe's
-T = 897-1408 (-6 to -16 % uniform) and olmoe's 513-768 (up to -19 %) (docs/perf-notes.md)."""
+reads it twice) with w64's tall down, where w128's down is half as tall: on an H200 it took the T = 897-1408
+of qwen3moe (-6 to -16 % uniform), 1025-1408 of qwen3moe_235b (-9 to -16 %) and 513-768 of olmoe (up to
+-19 %) (docs/perf-notes.md)."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
