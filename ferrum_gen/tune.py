@@ -13,7 +13,9 @@ relative to the fastest candidate of that run, is least slow; among those within
 WORST_CASE_SLACK of it, the smallest sum of the medians. (Summing alone let a bucket trade one
 edge's large loss for smaller gains at the others: a tile 59 % slower at one edge won.) When the
 time budget runs out, the buckets not yet tuned get the default rule's choice and the table says
-it is incomplete.
+it is incomplete. Where the pick is more than SPLIT_HINT_LOSS slower than another candidate at one of the
+bucket's runs, the log and the table's meta.split_hints say so (split_hints): a bucket between the edges may
+give each side its own choice.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ once it ran as programmatic dependents (docs/perf-notes.md)."""
 WORST_CASE_SLACK = 0.03
 """Candidates whose worst run is within this fraction of the least-slow worst run tie on it; the
 smallest sum of the medians wins among them (timing noise is about 1 %)."""
+
+SPLIT_HINT_LOSS = 0.03
+"""A bucket whose pick is more than this much slower than another candidate at one of its timed runs (a
+count and a routing) is reported (split_hints): its counts may want different variants, which a bucket
+between its edges lets the table give. On an H200 two picks of qwen3moe's tuner were 5.2 % and 3.7 %
+slower at one edge under uniform routing and were split and pinned by hand (docs/perf-notes.md)."""
 
 REPLAYS = 20
 GRAPH_BUDGET_S = 0.15
@@ -106,6 +114,23 @@ def pick_winner(runs: dict[Candidate, list[float]]) -> Candidate:
     return min((c for c in runs if worst[c] <= bound), key=lambda c: sum(runs[c]))
 
 
+def split_hints(runs: dict[Candidate, list[float]], labels: list[tuple[str, int]], winner: Candidate,
+                edges: tuple[int, ...]) -> list[str]:
+    """One line per timed run (labels: its routing and count, in the runs' order) where `winner` is more than
+    SPLIT_HINT_LOSS slower than that run's fastest candidate, naming it and where a bucket between the
+    bucket's edges would split them."""
+    hints = []
+    for i, (routing, tokens) in enumerate(labels):
+        fastest = min(runs, key=lambda c: runs[c][i])
+        loss = runs[winner][i] / runs[fastest][i] - 1
+        if loss > SPLIT_HINT_LOSS:
+            middle = (edges[0] + edges[-1]) // 2
+            between = f" (a bucket at {middle}, tune --update --buckets {middle}, would time the two halves apart)" \
+                if len(edges) > 1 else ""
+            hints.append(f"T = {tokens} {routing}: {fastest.name} is {loss:.1%} faster than the pick{between}")
+    return hints
+
+
 def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
     choice = tuning.choose(layer.spec, bucket, layer.variants, layer._default_variants, None)
     return tuning.TuningEntry(bucket, choice.path, dict(choice.variants))
@@ -113,8 +138,8 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
-    default-rule candidates and rejections added to its meta, and the update recorded there (the
-    buckets, date and elapsed time of each update, in order). A bucket pinned by hand in the table's
+    default-rule candidates, rejections and split hints added to its meta (a re-tuned bucket's old hints
+    dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order). A bucket pinned by hand in the table's
     meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
     (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
@@ -128,6 +153,9 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + new_entries, key=lambda e: e.bucket)
     per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
                   for key in ("default_rule_candidates", "rejected")}
+    # a re-tuned bucket's hints are the new run's only: those of its last tune no longer hold
+    per_bucket["split_hints"] = {**{b: h for b, h in table.meta.get("split_hints", {}).items() if int(b) not in tuned},
+                                 **new.meta.get("split_hints", {})}
     complete = bool(table.meta.get("complete")) or all(e.timings_us for e in entries)
     meta = {**table.meta, **per_bucket, "updates": updates, "complete": complete}
     if overrides:
@@ -241,6 +269,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     total = sum(len(routings) * len(timed[b]) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
+    split: dict[str, list[str]] = {}  # bucket -> split_hints
     defaults: dict[str, str] = {}
     complete = True
     bar = tqdm(total=total, desc=f"tune {spec.name}", unit="timing", disable=not progress)
@@ -254,7 +283,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
-        for routing, T in [(r, T) for r in routings for T in sorted(timed[bucket], reverse=True)]:
+        labels = [(r, T) for r in routings for T in sorted(timed[bucket], reverse=True)]
+        for routing, T in labels:
             with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
                 sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)
@@ -285,6 +315,10 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         if not runs:
             raise RuntimeError(f"tune: no candidate passed the reference check at bucket {bucket}: {rejected}")
         best = pick_winner(runs)
+        if hints := split_hints(runs, labels, best, tuning.bucket_edges(bucket, edges_of)):
+            split[str(bucket)] = hints
+            log.warning("tune: bucket %d picks %s, which loses where another candidate wins: %s", bucket, best.name,
+                        "; ".join(hints))
         entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
                                           {c.name: sum(r) for c, r in runs.items()}))
     bar.close()
@@ -304,6 +338,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                      "forward (CUDA-graph replay); winner: least worst run relative to that run's fastest "
                      f"candidate (ties within {WORST_CASE_SLACK:.0%}), then least sum",
             "rejected": rejected,
+            "split_hints": split,
             "default_rule_candidates": defaults,
             "date": time.strftime("%Y-%m-%d"),
             "arch": layer.bundle.arch,

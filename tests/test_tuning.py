@@ -460,3 +460,34 @@ def test_a_table_whose_hand_pins_do_not_fit_it_is_refused_with_the_fix(tmp_path,
     path = table.save(tmp_path / "t.json")
     with pytest.raises(tuning.TuningError, match=re.escape(message)):
         tuning.TuningTable.load(path)
+
+
+def test_the_tuner_names_the_runs_where_its_pick_loses_by_more_than_the_hint_threshold() -> None:
+    from ferrum_gen.tune import SPLIT_HINT_LOSS, Candidate, pick_winner, split_hints
+
+    blocks_96 = Candidate("stream", (("stream_gate_up_silu", "w96"), ("stream_down", "w96")))
+    blocks_128 = Candidate("stream", (("stream_gate_up_silu", "w128"), ("stream_down", "w128")))
+    labels = [("uniform", 1536), ("uniform", 1281), ("skewed", 1536), ("skewed", 1281)]
+    # w96 wins the low edge by far and loses the high one under uniform routing by 3.7 %
+    runs = {blocks_96: [478.4, 376.0, 510.2, 447.0], blocks_128: [461.3, 439.9, 514.0, 455.3]}
+    winner = pick_winner(runs)
+    assert winner is blocks_96
+    hints = split_hints(runs, labels, winner, (1281, 1536))
+    assert len(hints) == 1 and hints[0].startswith(f"T = 1536 uniform: {blocks_128.name} is 3.7% faster")
+    assert "--buckets 1408" in hints[0]
+    # a loss within the threshold is not reported, nor are the runs the pick wins
+    within = {blocks_96: [100.0 * (1 + 0.9 * SPLIT_HINT_LOSS), 90.0], blocks_128: [100.0, 100.0]}
+    assert split_hints(within, labels[:2], blocks_96, (1281, 1536)) == []
+    # a one-count bucket has no middle to name
+    assert "bucket at" not in split_hints({blocks_96: [110.0], blocks_128: [100.0]}, labels[:1], blocks_96, (1,))[0]
+
+
+def test_an_update_keeps_the_split_hints_of_the_buckets_it_did_not_retune() -> None:
+    from ferrum_gen.tune import merge_update
+
+    old = bare_table([tuning.TuningEntry(b, "stream", {"f": "a"}) for b in (1024, 1536, 2048)],
+                     {"complete": True, "split_hints": {"1536": ["old"], "2048": ["kept"]}})
+    new = bare_table([tuning.TuningEntry(1536, "stream", {"f": "b"})], {"complete": True, "split_hints": {}})
+    assert merge_update(old, new).meta["split_hints"] == {"2048": ["kept"]}
+    newer = bare_table([tuning.TuningEntry(1024, "stream", {"f": "b"})], {"split_hints": {"1024": ["new"]}})
+    assert merge_update(old, newer).meta["split_hints"] == {"1536": ["old"], "2048": ["kept"], "1024": ["new"]}
