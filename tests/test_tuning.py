@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ferrum_gen import __version__, tuning
@@ -491,3 +493,63 @@ def test_an_update_keeps_the_split_hints_of_the_buckets_it_did_not_retune() -> N
     assert merge_update(old, new).meta["split_hints"] == {"2048": ["kept"]}
     newer = bare_table([tuning.TuningEntry(1024, "stream", {"f": "b"})], {"split_hints": {"1024": ["new"]}})
     assert merge_update(old, newer).meta["split_hints"] == {"1536": ["old"], "2048": ["kept"], "1024": ["new"]}
+
+
+def test_tune_on_a_fake_card_picks_per_bucket_and_records_where_its_pick_loses(monkeypatch, tmp_path) -> None:
+    """The whole tune loop (no GPU: CuPy, the bench helpers and the layer are stand-ins). On the fake card w96
+    is 3 % faster up to 1500 tokens and 6 % slower above, so bucket 1024 takes w96, bucket 1536 (1025-1536)
+    w128, and bucket 1536 records that w96 won its low edge under both routings."""
+    import types
+
+    from ferrum_gen import bench
+    from ferrum_gen import tune as tune_mod
+
+    class Stream:
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda _: {"name": b"FAKE GPU"},
+                                    runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0)
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream, runtime=runtime,
+                                                                 Device=lambda: types.SimpleNamespace(id=0)),
+                                      empty=lambda shape, dtype=None: np.empty(shape, dtype=dtype), __version__="0")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    spec = load_spec("qwen3moe")
+    last_call = {}
+
+    class Layer:
+        variants = {"stream_gate_up_silu": {"w96": 1, "w128": 1}, "stream_down": {"w96": 1, "w128": 1}}
+        _default_variants = {"stream_gate_up_silu": "w128", "stream_down": "w128"}
+        gpu_name, pdl_status = "FAKE GPU", "on"
+        bundle = types.SimpleNamespace(arch="sm_90")
+
+        def __init__(self):
+            self.spec = spec
+
+        def variant_refusal(self, family, variant, tokens):
+            return None
+
+        def forward(self, x, logits, out=None, path=None, variants=None):
+            last_call.update(variant=variants["stream_down"], tokens=x.shape[0])
+
+    def time_graph(calls, per_call_count, stream, replays, budget_s=0.0):
+        calls()
+        tokens, w96 = last_call["tokens"], last_call["variant"] == "w96"
+        return [tokens * (0.97 if w96 else 1.0) if tokens <= 1500 else tokens * (1.06 if w96 else 1.0)]
+
+    monkeypatch.setattr(bench, "build_layer", lambda *_, **__: Layer())
+    monkeypatch.setattr(bench, "make_input_sets", lambda spec, T, *_, **__: [(np.zeros((T, 1)), None)])
+    monkeypatch.setattr(bench, "poisoned_like", lambda out: out)
+    monkeypatch.setattr(bench, "quick_check", lambda *_: (0.0, True))
+    monkeypatch.setattr(bench, "time_graph", time_graph)
+    table, path = tune_mod.tune(spec, out_root=tmp_path, budget_s=60, buckets=(1024, 1536), progress=False)
+    assert {e.bucket: e.variants["stream_down"] for e in table.entries} == {1024: "w96", 1536: "w128"}
+    hints = json.loads(path.read_text())["meta"]["split_hints"]
+    assert list(hints) == ["1536"] and [h.split(":")[0] for h in hints["1536"]] == ["T = 1025 uniform", "T = 1025 skewed"]
+    assert all("--buckets 1280" in h for h in hints["1536"])
