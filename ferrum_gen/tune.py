@@ -115,18 +115,18 @@ def pick_winner(runs: dict[Candidate, list[float]]) -> Candidate:
 
 
 def split_hints(runs: dict[Candidate, list[float]], labels: list[tuple[str, int]], winner: Candidate,
-                edges: tuple[int, ...]) -> list[str]:
+                counts: tuple[int, ...]) -> list[str]:
     """One line per timed run (labels: its routing and count, in the runs' order) where `winner` is more than
     SPLIT_HINT_LOSS slower than that run's fastest candidate, naming it and where a bucket between the
-    bucket's edges would split them."""
+    bucket's edges (the first and last of its timed counts) would split them."""
     hints = []
     for i, (routing, tokens) in enumerate(labels):
         fastest = min(runs, key=lambda c: runs[c][i])
         loss = runs[winner][i] / runs[fastest][i] - 1
         if loss > SPLIT_HINT_LOSS:
-            middle = (edges[0] + edges[-1]) // 2
+            middle = (counts[0] + counts[-1]) // 2
             between = f" (a bucket at {middle}, tune --update --buckets {middle}, would time the two halves apart)" \
-                if len(edges) > 1 else ""
+                if len(counts) > 1 else ""
             hints.append(f"T = {tokens} {routing}: {fastest.name} is {loss:.1%} faster than the pick{between}")
     return hints
 
@@ -139,8 +139,8 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
     default-rule candidates, rejections and split hints added to its meta (a re-tuned bucket's old hints
-    dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order). A bucket pinned by hand in the table's
-    meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
+    dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order).
+    A bucket pinned by hand in the table's meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
     (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
     overrides = dict(table.meta.get("overrides", {}))
@@ -315,7 +315,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         if not runs:
             raise RuntimeError(f"tune: no candidate passed the reference check at bucket {bucket}: {rejected}")
         best = pick_winner(runs)
-        if hints := split_hints(runs, labels, best, tuning.bucket_edges(bucket, edges_of)):
+        if hints := split_hints(runs, labels, best, timed[bucket]):
             split[str(bucket)] = hints
             log.warning("tune: bucket %d picks %s, which loses where another candidate wins: %s", bucket, best.name,
                         "; ".join(hints))

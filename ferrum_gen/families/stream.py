@@ -141,6 +141,11 @@ def wg_down_rows(spec: MoeSpec, block_size: int) -> int:
     return tall if all(a.value in fitting for a in WGMMA_ARCHS if a in spec.target_archs) else ROWS
 
 
+def tile_rows(spec: MoeSpec, block_size: int, ctas: int, matrices: int, wgmma: bool = False) -> int:
+    """Weight rows of each matrix a CTA takes: rows_for(ctas), except the wgmma down's (wg_down_rows)."""
+    return wg_down_rows(spec, block_size) if wgmma and matrices == 1 else rows_for(ctas)
+
+
 def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS) -> int:
     """One k-step of a tile: each matrix's `rows` quantized blocks, and the block's activations."""
     return matrices * rows * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
@@ -172,8 +177,8 @@ def _stages(spec: MoeSpec, block_size: int, ctas: int, wgmma: bool = False) -> t
     """(gate+up, down) ring depth per arch, for the archs where both kernels fit: a variant is
     the block size align uses, so both families have it or neither does. A wgmma ring is no deeper
     than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)."""
-    q, rows = spec.quant, rows_for(ctas)
-    down_rows = wg_down_rows(spec, block_size) if wgmma else rows
+    q = spec.quant
+    rows, down_rows = (tile_rows(spec, block_size, ctas, matrices, wgmma) for matrices in (2, 1))
     gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas,
                              static_smem(q.gate, 2, rows, ctas, wgmma))
     down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, down_rows), ctas,
@@ -222,7 +227,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
             stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
-        rows = (wg_down_rows(spec, bs) if matrices == 1 else ROWS) if wg else rows_for(ctas)
+        rows = tile_rows(spec, bs, ctas, matrices, wg)
         stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
