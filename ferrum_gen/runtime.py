@@ -186,7 +186,6 @@ def aligned_shapes(spec: MoeSpec, rows: int) -> dict[str, tuple[tuple[int, ...],
         "block_expert": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),
         "block_ready": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),  # the stream kernels' rows of a
         "a_sorted": ((rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
-        "y_sorted": ((rows, spec.hidden_size), _ACT_CUPY[spec.activation_dtype]),
     }
 
 
@@ -204,6 +203,9 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         "weights": ((pairs,), "float32"),
         "logits32": ((max_tokens, E), "float32"),
         **aligned_shapes(spec, rows),
+        # the down kernels' rows by pair (t * k + j), not by sorted slot: no padding rows, and a token's k
+        # rows side by side for the combine
+        "y_pairs": ((pairs, H), _ACT_CUPY[spec.activation_dtype]),
         "plan": ((2,), "int32"),
         "pairs_by_token": ((pairs,), "int32"),
         "a_decode": ((decode_tokens * k, I), "float32"),
@@ -727,7 +729,7 @@ class MoeLayer:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
-                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_sorted,
+                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_pairs,
                              sorted_ids=self.sorted_ids, num_pairs=P, **self._stream_args(kern, claims=1))
 
         self._steps(stream, events, stop_after, [
@@ -735,7 +737,7 @@ class MoeLayer:
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
-                                             dependent=dependent, y=self.y_sorted, pairs_by_token=self.pairs_by_token,
+                                             dependent=dependent, y=self.y_pairs,
                                              weights=self.weights, out=out_c)),
         ])
 

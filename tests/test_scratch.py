@@ -33,11 +33,12 @@ def test_scratch_holds_every_pair_and_each_experts_padding(spec, max_tokens: int
     rows = pairs + min(spec.num_experts, pairs) * (max(spec.prefill.block_sizes) - 1)
     assert shapes["ids"][0] == shapes["weights"][0] == shapes["pairs_by_token"][0] == (pairs,)
     assert shapes["sorted_ids"][0] == (rows,)
-    assert shapes["a_sorted"][0] == (rows, spec.intermediate_size) and shapes["y_sorted"][0] == (rows, spec.hidden_size)
+    assert shapes["a_sorted"][0] == (rows, spec.intermediate_size)
+    assert shapes["y_pairs"][0] == (pairs, spec.hidden_size)  # by pair: no padding rows
     assert shapes["a_decode"][0] == (min(max_tokens, 16) * spec.top_k, spec.intermediate_size)
     assert shapes["tile_counters"][0] == (math.ceil(spec.hidden_size / 16),)
     assert ("x_mma" in shapes) is (spec.activation_dtype is ActivationDtype.F32)
-    assert shapes_bytes(shapes) > 2 * rows * spec.hidden_size  # y_sorted alone, 16-bit or wider
+    assert shapes_bytes(shapes) > 2 * (rows * spec.intermediate_size + pairs * spec.hidden_size)  # a and y, 16-bit or wider
 
 
 def test_the_memory_table_in_the_docs_is_what_scratch_shapes_gives(spec) -> None:

@@ -51,7 +51,7 @@ def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
 
 def aligned_down_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
     """The arguments of a down kernel over align's blocks (prefill GEMM, stream): a in sorted
-    order, the plan, the weights, and y in sorted order."""
+    order, the plan, the weights, and y by pair (row t * k + j)."""
     return (Arg("a", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN, *DOWN_WEIGHTS, Arg("y", f"{ACT_CTYPE[dtype]}*"))
 
 

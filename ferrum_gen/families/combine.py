@@ -14,7 +14,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
     dtype = spec.activation_dtype
     vec = 16 // ACT_BYTES[dtype]
     chunks = spec.hidden_size // vec
-    # at least K_TOP threads: the first K_TOP stage the token's slots and weights
+    # at least K_TOP threads: the first K_TOP stage the token's weights
     threads = max(min(MAX_THREADS, chunks), spec.top_k)
     threads = -(-threads // THREADS_PER_WARP) * THREADS_PER_WARP
     uri = f"combine_{spec.shape_tag}_{dtype.value}"
@@ -27,7 +27,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                     "ACT_T": ACT_CTYPE[dtype]},
             args=(
                 Arg("y", f"const {ACT_CTYPE[dtype]}*"),
-                Arg("pairs_by_token", "const int*"),
                 Arg("weights", "const float*"),
                 Arg("out", f"{ACT_CTYPE[dtype]}*"),
             ),
