@@ -91,6 +91,9 @@ def route_f32(logits: np.ndarray, top_k: int, norm_topk_prob: bool) -> tuple[np.
 class AlignPlan:
     sorted_ids: np.ndarray  # int32 [num_padded]: pairs grouped by expert, segments padded with the sentinel
     block_expert: np.ndarray  # int32 [num_padded // block_size]
+    # int32 [num_padded // block_size]: the row of the unpadded sorted rows (one a real pair, a's layout on
+    # the device) that holds the block's first slot
+    block_a_row: np.ndarray
     num_padded: int
     pairs_by_token: np.ndarray  # int32 [T*k]: slot of pair p in sorted_ids
     block_size: int
@@ -156,9 +159,12 @@ def align(ids: np.ndarray, num_experts: int, block_size: int) -> AlignPlan:
     pairs_by_token = np.empty(n_pairs, dtype=np.int32)
     pairs_by_token[order] = slot
     block_expert = np.repeat(np.arange(num_experts, dtype=np.int32), padded // block_size)
+    block_slot = np.arange(block_expert.size, dtype=np.int64) * block_size
+    block_a_row = (start[block_expert] + block_slot - padded_start[block_expert]).astype(np.int32)
     return AlignPlan(
         sorted_ids=sorted_ids,
         block_expert=block_expert,
+        block_a_row=block_a_row,
         num_padded=num_padded,
         pairs_by_token=pairs_by_token,
         block_size=int(block_size),

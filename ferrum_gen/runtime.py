@@ -173,19 +173,31 @@ def block_size_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: 
 
 
 def aligned_rows(spec: MoeSpec, max_tokens: int, block_size: int) -> int:
-    """Rows of the expert-sorted buffers: every pair, plus padding to block_size for each expert
-    that has pairs (at most min(E, pairs) of them)."""
+    """Rows of the expert-sorted buffers: the most align can fill in a call of up to max_tokens tokens
+    at any block size b up to block_size that the spec's GEMMs or stream variants use. With b, an
+    expert of n pairs takes ceil(n / b) blocks, so the m = min(E, pairs) experts that can have pairs
+    take at most m + (pairs - m) // b blocks; that count grows with the pairs, so the largest call
+    bounds every smaller one."""
     pairs = max_tokens * spec.top_k
-    return pairs + min(spec.num_experts, pairs) * (block_size - 1)
+    used = min(spec.num_experts, pairs)
+    sizes = {*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values(), block_size}
+    return max(b * (used + (pairs - used) // b) for b in sizes if b <= block_size)
 
 
-def aligned_shapes(spec: MoeSpec, rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The expert-sorted buffers for `rows` rows (aligned_rows)."""
+def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """align's outputs and a for calls of up to max_tokens at block sizes up to block_size: the sorted
+    slots (aligned_rows), a block's expert, count of rows of a (the stream kernels') and first row of
+    a each, and a, which has a row per real slot plus block_size - 1 rows past the last, which the
+    last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes."""
+    rows = aligned_rows(spec, max_tokens, block_size)
+    blocks = (rows // min(spec.prefill.block_sizes) + 1,)
     return {
         "sorted_ids": ((rows,), "int32"),
-        "block_expert": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),
-        "block_ready": ((rows // min(spec.prefill.block_sizes) + 1,), "int32"),  # the stream kernels' rows of a
-        "a_sorted": ((rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
+        "block_expert": (blocks, "int32"),
+        "block_ready": (blocks, "int32"),
+        "block_a_row": (blocks, "int32"),
+        "a_sorted": ((max_tokens * spec.top_k + block_size - 1, spec.intermediate_size),
+                     _MMA_CUPY[spec.activation_dtype]),
     }
 
 
@@ -197,17 +209,15 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
     or tuned token count: decode_token_cap), and the grouped down's counters."""
     H, I, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.top_k
     pairs = max_tokens * k
-    rows = aligned_rows(spec, max_tokens, block_size or max(spec.prefill.block_sizes))
     shapes = {
         "ids": ((pairs,), "int32"),
         "weights": ((pairs,), "float32"),
         "logits32": ((max_tokens, E), "float32"),
-        **aligned_shapes(spec, rows),
+        **aligned_shapes(spec, max_tokens, block_size or max(spec.prefill.block_sizes)),
         # the down kernels' rows by pair (t * k + j), not by sorted slot: no padding rows, and a token's k
         # rows side by side for the combine
         "y_pairs": ((pairs, H), _ACT_CUPY[spec.activation_dtype]),
         "plan": ((2,), "int32"),
-        "pairs_by_token": ((pairs,), "int32"),
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
@@ -710,8 +720,8 @@ class MoeLayer:
             self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
                          counts=self.align_counts,
                          block_size_override=override or 0, sorted_ids=self.sorted_ids,
-                         block_expert=self.block_expert, block_ready=self.block_ready, plan=self.plan,
-                         pairs_by_token=self.pairs_by_token)
+                         block_expert=self.block_expert, block_ready=self.block_ready,
+                         block_a_row=self.block_a_row, plan=self.plan)
 
         def gemm_gate_up() -> None:
             x_in = xc
@@ -721,16 +731,17 @@ class MoeLayer:
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
-                             block_expert=self.block_expert, plan=self.plan, num_pairs=P, w_gate=self.gate.data,
-                             w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
-                             **self._stream_args(kern, claims=0))
+                             block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
+                             num_pairs=P, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
+                             w_up_d=self.up.d, a=self.a_sorted, **self._stream_args(kern, claims=0))
 
         def gemm_down() -> None:
             for kern in down:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
-                             plan=self.plan, w_down=self.down.data, w_down_d=self.down.d, y=self.y_pairs,
-                             sorted_ids=self.sorted_ids, num_pairs=P, **self._stream_args(kern, claims=1))
+                             block_a_row=self.block_a_row, plan=self.plan, w_down=self.down.data,
+                             w_down_d=self.down.d, y=self.y_pairs, sorted_ids=self.sorted_ids, num_pairs=P,
+                             **self._stream_args(kern, claims=1))
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -872,11 +883,11 @@ class MoeLayer:
     def _fit_aligned_scratch(self, block_size: int | None) -> None:
         """Grow the expert-sorted buffers once if a stream variant of a larger block size than they
         were sized for is forced (tests, comparisons, tuning): every pair's expert may then pad more."""
-        rows = aligned_rows(self.spec, self.max_tokens, block_size or max(self.spec.prefill.block_sizes))
-        if self.sorted_ids.shape[0] >= rows:
+        block_size = block_size or max(self.spec.prefill.block_sizes)
+        if self.sorted_ids.shape[0] >= aligned_rows(self.spec, self.max_tokens, block_size):
             return
         cp = _cupy()
-        for name, (shape, dtype) in aligned_shapes(self.spec, rows).items():
+        for name, (shape, dtype) in aligned_shapes(self.spec, self.max_tokens, block_size).items():
             setattr(self, name, cp.empty(shape, dtype=dtype))
         self._act_maps = self._slot_rows_maps()
 
@@ -904,8 +915,8 @@ class MoeLayer:
             self.sorted_ids[: p.num_padded].set(p.sorted_ids.astype(np.int32))
             self.block_expert[: len(p.block_expert)].set(p.block_expert.astype(np.int32))
             self.block_ready[: len(p.block_expert)].fill(0)
+            self.block_a_row[: len(p.block_a_row)].set(p.block_a_row.astype(np.int32))
             self.plan.set(np.array([p.num_padded, bs], dtype=np.int32))
-            self.pairs_by_token[: T * spec.top_k].set(p.pairs_by_token.astype(np.int32))
 
     # --- profiling ------------------------------------------------------------------
 

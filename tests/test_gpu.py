@@ -136,7 +136,7 @@ class Case:
         out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
         poison(out)
         for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_pairs, self.layer.y_grouped, self.layer.ids,
-                    self.layer.weights, self.layer.sorted_ids, self.layer.pairs_by_token):
+                    self.layer.weights, self.layer.sorted_ids, self.layer.block_a_row):
             poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
         self.layer.forward(x, logits, out=out, path=path, variants=variants)
         cp.cuda.get_current_stream().synchronize()
@@ -212,6 +212,19 @@ def test_router_matches_reference(case: Case, T: int, rng) -> None:
     assert np.linalg.norm(got_w - w) / np.linalg.norm(w) <= 1e-5
 
 
+def a_rows_by_pair(layer, num_pairs: int):
+    """The row of the layer's a_sorted that holds each pair's a after an aligned path (align's plan:
+    a slot's row is its block's block_a_row plus its place in the block)."""
+    num_padded, bs = (int(v) for v in cp.asnumpy(layer.plan))
+    pairs = layer.sorted_ids[:num_padded]
+    slot = cp.arange(num_padded, dtype=cp.int32)
+    real = pairs < num_pairs
+    rows = cp.full(num_pairs, -1, dtype=cp.int32)
+    rows[pairs[real]] = (layer.block_a_row[slot // bs] + slot % bs)[real]
+    assert not bool((rows < 0).any()), "a pair with no slot"
+    return rows
+
+
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
 def test_align_plan_invariants(case: Case, T: int, rng) -> None:
     spec = case.spec
@@ -236,8 +249,9 @@ def test_align_plan_invariants(case: Case, T: int, rng) -> None:
             got = np.sort(sorted_ids[b * bs:seg_end])
             exp = np.sort(want.sorted_ids[b * bs:seg_end])
             np.testing.assert_array_equal(got, exp)
-    pbt = cp.asnumpy(case.layer.pairs_by_token[:P])
-    np.testing.assert_array_equal(sorted_ids[pbt], np.arange(P))
+    # a's rows by block: the real slots in order, no padding (they depend on the counts alone)
+    np.testing.assert_array_equal(cp.asnumpy(case.layer.block_a_row[: num_padded // bs]), want.block_a_row)
+    np.testing.assert_array_equal(np.sort(cp.asnumpy(a_rows_by_pair(case.layer, P))), np.arange(P))
 
 
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
@@ -265,8 +279,7 @@ def test_prefill_kernels_match_reference(case: Case, T: int, rng) -> None:
         x, logits = case.inputs(T, rng)
         out = case.run(x, logits, "prefill", variants)
         ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
-        pbt = case.layer.pairs_by_token[:P]
-        assert rel_err(from_act(case.layer.a_sorted[pbt], mma), ref_a) <= tol, variants
+        assert rel_err(from_act(case.layer.a_sorted[a_rows_by_pair(case.layer, P)], mma), ref_a) <= tol, variants
         assert rel_err(from_act(case.layer.y_pairs[:P], spec.activation_dtype), ref_y) <= tol, variants
         assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, variants
 
@@ -422,10 +435,10 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             out = case.run(x, logits, "stream", variants)
             ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
             where = (variants, routing)
-            pbt = case.layer.pairs_by_token[:P]
             assert int(case.layer.plan[1]) == case.layer.variants["stream_down"][variants["stream_down"]][0].launch[
                 "block_size"], where
-            assert rel_err(from_act(case.layer.a_sorted[pbt], spec.activation_dtype), ref_a) <= tol, where
+            a = case.layer.a_sorted[a_rows_by_pair(case.layer, P)]
+            assert rel_err(from_act(a, spec.activation_dtype), ref_a) <= tol, where
             assert rel_err(from_act(case.layer.y_pairs[:P], spec.activation_dtype), ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
             assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
@@ -443,11 +456,11 @@ def test_stream_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T
     for variants in variant_sets(layer, "stream"):
         kerns = [kern for fam, var in variants.items() for kern in layer.variants[fam][var]]
         full = case.run(x, logits, "stream", variants).copy()
-        full_a = layer.a_sorted[layer.pairs_by_token[:k]].copy()
+        full_a = layer.a_sorted[a_rows_by_pair(layer, k)].copy()
         with small_grid(layer, kerns):
             small = case.run(x, logits, "stream", variants)
         cp.testing.assert_array_equal(small, full, err_msg=f"{variants}: output")
-        cp.testing.assert_array_equal(layer.a_sorted[layer.pairs_by_token[:k]], full_a, err_msg=f"{variants}: a")
+        cp.testing.assert_array_equal(layer.a_sorted[a_rows_by_pair(layer, k)], full_a, err_msg=f"{variants}: a")
         assert not bool(layer.tile_claims.any()), f"{variants}: a tile claim count was not reset"
 
 
@@ -643,7 +656,7 @@ def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_state
     layer = case.layer
     shapes = scratch_shapes(case.spec, layer.max_tokens, decode_token_cap(case.spec, layer.tuning, layer.max_tokens),
                             block_size_cap(case.spec, layer.tuning, layer.max_tokens))
-    grown = ("a_decode", "y_grouped", "sorted_ids", "block_expert", "a_sorted")
+    grown = ("a_decode", "y_grouped", "sorted_ids", "block_expert", "block_ready", "block_a_row", "a_sorted")
     for name, (shape, dtype) in shapes.items():
         buf = getattr(layer, name)
         assert buf.dtype == np.dtype(dtype), name

@@ -381,6 +381,9 @@ def check_plan(plan: ref.AlignPlan, ids: np.ndarray, n_experts: int, bs: int) ->
     np.testing.assert_array_equal(real, np.arange(plan.num_padded) - seg_start < counts[slot_expert])
     same_seg = real[1:] & real[:-1] & (slot_expert[1:] == slot_expert[:-1])
     assert (np.diff(s)[same_seg] > 0).all()
+    # a's rows: the real slots, in order, without the padding
+    slot_a_row = np.repeat(plan.block_a_row, bs) + np.arange(plan.num_padded) % bs
+    np.testing.assert_array_equal(slot_a_row[real], np.arange(n_pairs))
     np.testing.assert_array_equal(ref.expert_counts(ids, n_experts), counts)
 
 
@@ -404,13 +407,14 @@ def test_align_example():
     np.testing.assert_array_equal(plan.sorted_ids[16:32], [0, 4] + [s] * 14)
     np.testing.assert_array_equal(plan.sorted_ids[32:], [3] + [s] * 15)
     np.testing.assert_array_equal(plan.block_expert, [0, 2, 3])
+    np.testing.assert_array_equal(plan.block_a_row, [0, 3, 5])
     np.testing.assert_array_equal(plan.pairs_by_token, [16, 0, 1, 32, 17, 2])
 
 
 def test_align_empty_and_errors():
     plan = ref.align(np.zeros((0, 4), np.int32), 8, 16)
     assert plan.num_padded == 0 and plan.sentinel == 0
-    assert plan.sorted_ids.size == plan.block_expert.size == plan.pairs_by_token.size == 0
+    assert plan.sorted_ids.size == plan.block_expert.size == plan.block_a_row.size == plan.pairs_by_token.size == 0
     with pytest.raises(ValueError, match="lie in"):
         ref.align(np.array([[0, 8]]), 8, 16)
     with pytest.raises(ValueError, match="lie in"):

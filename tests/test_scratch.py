@@ -6,11 +6,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ferrum_gen import tuning
 from ferrum_gen.quant import row_bytes
-from ferrum_gen.runtime import block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
+from ferrum_gen.families import stream as stream_family
+from ferrum_gen.runtime import aligned_rows, block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
 from ferrum_gen.spec import ActivationDtype, load_spec, shipped_spec_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +32,71 @@ def committed_table(spec) -> tuning.TuningTable:
 def test_scratch_holds_every_pair_and_each_experts_padding(spec, max_tokens: int) -> None:
     shapes = scratch_shapes(spec, max_tokens, decode_tokens=min(max_tokens, 16))
     pairs = max_tokens * spec.top_k
-    rows = pairs + min(spec.num_experts, pairs) * (max(spec.prefill.block_sizes) - 1)
-    assert shapes["ids"][0] == shapes["weights"][0] == shapes["pairs_by_token"][0] == (pairs,)
+    bs = max(spec.prefill.block_sizes)
+    rows = bs * (min(spec.num_experts, pairs) + (pairs - min(spec.num_experts, pairs)) // bs)
+    assert shapes["ids"][0] == shapes["weights"][0] == (pairs,)
     assert shapes["sorted_ids"][0] == (rows,)
-    assert shapes["a_sorted"][0] == (rows, spec.intermediate_size)
+    assert shapes["block_expert"][0] == shapes["block_a_row"][0] == (rows // min(spec.prefill.block_sizes) + 1,)
+    assert shapes["a_sorted"][0] == (pairs + bs - 1, spec.intermediate_size)  # a row a real slot, and the slack
     assert shapes["y_pairs"][0] == (pairs, spec.hidden_size)  # by pair: no padding rows
     assert shapes["a_decode"][0] == (min(max_tokens, 16) * spec.top_k, spec.intermediate_size)
     assert shapes["tile_counters"][0] == (math.ceil(spec.hidden_size / 16),)
     assert ("x_mma" in shapes) is (spec.activation_dtype is ActivationDtype.F32)
-    assert shapes_bytes(shapes) > 2 * (rows * spec.intermediate_size + pairs * spec.hidden_size)  # a and y, 16-bit or wider
+    assert shapes_bytes(shapes) > 2 * pairs * (spec.intermediate_size + spec.hidden_size)  # a and y, 16-bit or wider
+
+
+def padded_rows(pairs_per_expert: np.ndarray, block_size: int) -> int:
+    """The sorted rows align fills: each expert's pairs padded to whole blocks."""
+    return int((-(-pairs_per_expert // block_size) * block_size).sum())
+
+
+def most_padded_routing(spec, tokens: int, block_size: int) -> np.ndarray:
+    """Pairs per expert that pad the most: one pair on as many experts as can have one, the rest in whole
+    blocks, no expert above `tokens` pairs (a token picks an expert once)."""
+    pairs = tokens * spec.top_k
+    counts = np.zeros(spec.num_experts, dtype=np.int64)
+    counts[: min(spec.num_experts, pairs)] = 1
+    left = pairs - counts.sum()
+    for e in range(spec.num_experts):
+        take = min(left, tokens - counts[e]) // block_size * block_size
+        counts[e] += take
+        left -= take
+    for e in range(spec.num_experts):  # what no whole block takes, wherever there is room
+        take = min(left, tokens - counts[e])
+        counts[e] += take
+        left -= take
+    return counts
+
+
+@pytest.mark.parametrize("max_tokens", (1, 3, 65, 257, 1000))
+def test_the_sorted_rows_hold_the_most_padded_call_at_every_block_size(spec, max_tokens: int) -> None:
+    cap = block_size_cap(spec, committed_table(spec), max_tokens)
+    rows = aligned_rows(spec, max_tokens, cap)
+    sizes = {*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values()}
+    rng = np.random.default_rng(max_tokens)
+    worst = 0
+    for b in (b for b in sizes if b <= cap):
+        for tokens in {1, max(1, max_tokens // 2), max_tokens}:
+            counts = most_padded_routing(spec, tokens, b)
+            assert counts.sum() == tokens * spec.top_k and counts.max() <= tokens
+            worst = max(worst, padded_rows(counts, b))
+            for _ in range(20):
+                picks = np.argsort(rng.random((tokens, spec.num_experts)), axis=1)[:, : spec.top_k]
+                assert padded_rows(np.bincount(picks.ravel(), minlength=spec.num_experts), b) <= rows
+    if cap <= max_tokens:  # the bound is reached, so no smaller buffer would do (an expert holds at most max_tokens pairs)
+        assert worst == rows
+
+
+def test_the_tuned_block_sizes_grow_the_scratch_by_at_most_a_fifth(spec) -> None:
+    """Issue 8's bound on max_tokens memory: a table's larger stream blocks (w96, w128) pad only the sorted
+    slots and their per-block words, never a or y, so at no max_tokens does the scratch exceed the one
+    padded to the spec's own largest block size by more than 20 %."""
+    table = committed_table(spec)
+    for max_tokens in sorted({*range(1, 4097, 61), *(e.bucket + 1 for e in table.entries), 4096}):
+        decode = decode_token_cap(spec, table, max_tokens)
+        tuned = shapes_bytes(scratch_shapes(spec, max_tokens, decode, block_size_cap(spec, table, max_tokens)))
+        own = shapes_bytes(scratch_shapes(spec, max_tokens, decode, max(spec.prefill.block_sizes)))
+        assert tuned <= 1.2 * own, f"max_tokens {max_tokens}: {tuned / own - 1:.1%} more scratch"
 
 
 def test_the_memory_table_in_the_docs_is_what_scratch_shapes_gives(spec) -> None:

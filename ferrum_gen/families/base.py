@@ -37,21 +37,21 @@ GATE_UP_WEIGHTS = (Arg("w_gate", "const u8*"), Arg("w_gate_d", "const __half*"),
 DOWN_WEIGHTS = (Arg("w_down", "const u8*"), Arg("w_down_d", "const __half*"))
 
 
-ALIGNED_PLAN = (Arg("sorted_ids", "const int*"), Arg("block_expert", "const int*"), Arg("plan", "const int*"),
-                Arg("num_pairs", "int"))
-"""align's outputs, as every kernel over its blocks takes them (the prefill GEMMs read the
-blocks' experts only; the stream kernels also which slots are real)."""
+ALIGNED_PLAN = (Arg("sorted_ids", "const int*"), Arg("block_expert", "const int*"), Arg("block_a_row", "const int*"),
+                Arg("plan", "const int*"), Arg("num_pairs", "int"))
+"""align's outputs, as every kernel over its blocks takes them: which slots are real, each block's
+expert, and the row of a that holds its first slot (a has a row per real slot, no padding rows)."""
 
 
 def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
     """The arguments of a gate+up kernel over align's blocks (prefill GEMM, stream): x in the
-    tensor-core type, the plan, the weights, and a in sorted order."""
+    tensor-core type, the plan, the weights, and a in sorted order (real slots only)."""
     return (Arg("x", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN, *GATE_UP_WEIGHTS, Arg("a", f"{MMA_CTYPE[dtype]}*"))
 
 
 def aligned_down_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
     """The arguments of a down kernel over align's blocks (prefill GEMM, stream): a in sorted
-    order, the plan, the weights, and y by pair (row t * k + j)."""
+    order (real slots only), the plan, the weights, and y by pair (row t * k + j)."""
     return (Arg("a", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN, *DOWN_WEIGHTS, Arg("y", f"{ACT_CTYPE[dtype]}*"))
 
 
