@@ -1111,7 +1111,8 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
         distinct_bytes = stat.distinct_experts * ebytes
         flops = layer_flops(spec, T)
         line = []
-        for path in paths_at(T, spec, options.paths, options.decode_up_to, options.prefill_from):
+        timed_paths = paths_at(T, spec, options.paths, options.decode_up_to, options.prefill_from)
+        for path in timed_paths:
             resolved = layer.choose_path(T) if path == "auto" else path
             with stream:
                 check_out = poisoned_like(out)
@@ -1124,9 +1125,10 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
             per_forward = time_graph(forwards(), len(sets), stream, MAX_REPLAYS, budget_s=GRAPH_BUDGET_S)
             timing = timing_summary(per_forward)
             split = None
-            if options.split and path != "auto":
+            # auto's split is its resolved path's, taken from that path's own row where one is timed too
+            if options.split and (path != "auto" or resolved not in timed_paths):
                 cumulative = {}
-                for phase in layer.phases(path):
+                for phase in layer.phases(resolved):
                     cut = time_graph(forwards(stop_after=phase), len(sets), stream, MAX_REPLAYS,
                                      budget_s=GRAPH_BUDGET_S)
                     cumulative[phase] = float(np.median(cut))

@@ -383,7 +383,8 @@ def test_bench_runs_on_the_gpu_for_the_tiny_spec(tmp_path) -> None:
     for c in result.cases:
         assert c.accuracy.ok, (c.key, c.accuracy)
         assert 0 < c.min_us <= c.median_us and c.launches > 0 and c.kernels
-        assert (c.split is None) == (c.path == "auto")
+        timed_at_t = {p for T, p, r in keys if T == c.tokens}
+        assert (c.split is None) == (c.path == "auto" and c.resolved_path in timed_at_t)
         if c.split is not None:
             assert list(c.split.parts_us) == list(c.split.cumulative_us)
     assert result.card.copy_bandwidth_gbps > 0 and result.card.matmul_tflops > 0
