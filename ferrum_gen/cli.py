@@ -114,7 +114,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import check_options, describe, tune
+    from .tune import check_options, describe, tune_with_splits
     from .tuning import BUCKETS, TuningError
 
     spec = load_spec(args.spec)
@@ -127,7 +127,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     # TuningError: options it cannot run with (checked before the GPU is looked for), or tune's own, e.g.
     # --update with no table for this card, or one of another spec version
     try:
-        check_options(buckets or BUCKETS, args.budget_s, args.rotations)
+        check_options(buckets or BUCKETS, args.budget_s, args.rotations, args.split_rounds)
         try:
             import cupy
 
@@ -136,15 +136,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             print(f"ferrum-gen: error: tune times kernels on a CUDA GPU with CuPy, and none is usable here ({err})",
                   file=sys.stderr)
             return 2
-        table, path = tune(spec, Path(args.out), budget_s=args.budget_s, rotations=args.rotations,
-                           routings=routings, update=args.update, midpoints=args.midpoints, **kwargs)
+        table, path, rounds = tune_with_splits(spec, args.split_rounds, Path(args.out), budget_s=args.budget_s,
+                                               rotations=args.rotations, routings=routings, update=args.update,
+                                               midpoints=args.midpoints, **kwargs)
     except TuningError as err:
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
     print(describe(table))
-    run = table.meta["updates"][-1] if args.update else table.meta
+    run = table.meta["updates"][-1] if args.update or rounds else table.meta
     done = "complete" if run.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
-    what = f"buckets {', '.join(map(str, run['buckets']))} updated in the" if args.update else "the"
+    what = f"buckets {', '.join(map(str, run['buckets']))} updated in the" if args.update or rounds else "the"
+    for i, added in enumerate(rounds, 1):
+        print(f"{spec.name}: split round {i} added buckets {', '.join(map(str, added))}")
     print(f"{spec.name}: {what} tuning table for {table.gpu} -> {path} ({done}, {run.get('elapsed_s')} s)")
     return 0
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -290,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--midpoints", action="store_true",
                    help="also time each bucket's middle count, not only its edges (a variant's gain inside a "
                         "bucket can be even at both edges); half again the timings")
+    p.add_argument("--split-rounds", type=int, default=0,
+                   help="then, this many times, split each bucket whose pick is more than 3%% slower than another "
+                        "candidate at one of its runs (the table's split hints) and re-tune the halves, within "
+                        "the same budget (default: 0)")
     p.set_defaults(func=_cmd_tune)
     from . import bench
 

@@ -15,7 +15,7 @@ edge's large loss for smaller gains at the others: a tile 59 % slower at one edg
 time budget runs out, the buckets not yet tuned get the default rule's choice and the table says
 it is incomplete. Where the pick is more than SPLIT_HINT_LOSS slower than another candidate at one of the
 bucket's runs, the log and the table's meta.split_hints say so (split_hints): a bucket between the edges may
-give each side its own choice.
+give each side its own choice. tune_with_splits adds those buckets and re-tunes, for a given number of rounds.
 """
 
 from __future__ import annotations
@@ -114,19 +114,24 @@ def pick_winner(runs: dict[Candidate, list[float]]) -> Candidate:
     return min((c for c in runs if worst[c] <= bound), key=lambda c: sum(runs[c]))
 
 
+def split_point(edges: tuple[int, ...]) -> int | None:
+    """The bucket that splits a bucket of these edges (its smallest and largest count) in two, if any."""
+    return (edges[0] + edges[-1]) // 2 if edges[-1] > edges[0] else None
+
+
 def split_hints(runs: dict[Candidate, list[float]], labels: list[tuple[str, int]], winner: Candidate,
                 counts: tuple[int, ...]) -> list[str]:
     """One line per timed run (labels: its routing and count, in the runs' order) where `winner` is more than
     SPLIT_HINT_LOSS slower than that run's fastest candidate, naming it and where a bucket between the
     bucket's edges (the first and last of its timed counts) would split them."""
     hints = []
+    middle = split_point(counts)
     for i, (routing, tokens) in enumerate(labels):
         fastest = min(runs, key=lambda c: runs[c][i])
         loss = runs[winner][i] / runs[fastest][i] - 1
         if loss > SPLIT_HINT_LOSS:
-            middle = (counts[0] + counts[-1]) // 2
             between = f" (a bucket at {middle}, tune --update --buckets {middle}, would time the two halves apart)" \
-                if len(counts) > 1 else ""
+                if middle is not None else ""
             hints.append(f"T = {tokens} {routing}: {fastest.name} is {loss:.1%} faster than the pick{between}")
     return hints
 
@@ -211,7 +216,7 @@ def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[t
     return tuple(sorted(asked | narrowed)), tuple(sorted(every))
 
 
-def check_options(buckets: Iterable[int], budget_s: float, rotations: int) -> None:
+def check_options(buckets: Iterable[int], budget_s: float, rotations: int, split_rounds: int = 0) -> None:
     """Refuse options a tune cannot run with (tuning.TuningError naming the option and the fix), before
     anything touches the GPU."""
     buckets = list(buckets)
@@ -225,6 +230,8 @@ def check_options(buckets: Iterable[int], budget_s: float, rotations: int) -> No
         raise tuning.TuningError(f"budget (--budget-s) {budget_s}: give a positive number of seconds (default 300)")
     if rotations < 1:
         raise tuning.TuningError(f"rotations (--rotations) {rotations}: give at least 1 (default 8)")
+    if split_rounds < 0:
+        raise tuning.TuningError(f"split rounds (--split-rounds) {split_rounds}: give 0 or more (default 0)")
 
 
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
@@ -351,6 +358,35 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     if old is not None:
         table = merge_update(old, table)
     return table, table.save(path)
+
+
+def hinted_buckets(table: tuning.TuningTable, tuned: Iterable[int]) -> tuple[int, ...]:
+    """The buckets that would split those of `tuned` whose pick the table's split hints say loses somewhere."""
+    buckets = [e.bucket for e in table.entries]
+    hinted = {str(b) for b in tuned} & set(table.meta.get("split_hints", {}))
+    points = (split_point(tuning.bucket_edges(int(b), buckets)) for b in hinted)
+    return tuple(sorted({p for p in points if p is not None}))
+
+
+def tune_with_splits(spec: MoeSpec, split_rounds: int, out_root: Path = Path("generated"), budget_s: float = 300.0,
+                     buckets: tuple[int, ...] = tuning.BUCKETS, update: bool = False,
+                     **options) -> tuple[tuning.TuningTable, Path, list[tuple[int, ...]]]:
+    """tune, then up to split_rounds times: add the buckets the last round's split hints name (hinted_buckets)
+    and re-tune them with tune --update (which re-tunes the buckets they narrow too), all within budget_s.
+    Returns the table, its path, and the buckets added in each round that ran."""
+    start = time.monotonic()
+    table, path = tune(spec, out_root, budget_s=budget_s, buckets=buckets, update=update, **options)
+    rounds: list[tuple[int, ...]] = []
+    for _ in range(split_rounds):
+        run = table.meta["updates"][-1] if "updates" in table.meta and (update or rounds) else table.meta
+        added = hinted_buckets(table, run.get("buckets", buckets))
+        left = budget_s - (time.monotonic() - start)
+        if not added or left <= 0 or not run.get("complete", True):
+            break
+        log.info("tune: splitting where the picks lose, with buckets %s", list(added))
+        table, path = tune(spec, out_root, budget_s=left, buckets=added, update=True, **options)
+        rounds.append(added)
+    return table, path, rounds
 
 
 def describe(table: tuning.TuningTable) -> str:

@@ -189,7 +189,7 @@ def test_build_without_nvrtc_is_one_line_and_writes_nothing(tmp_path, capsys, mo
     ("bench", ["--threshold", "nan"], "--threshold"),
     ("tune", ["--buckets", "0", "4"], "--buckets"), ("tune", ["--buckets", "8", "8"], "--buckets"),
     ("tune", ["--budget-s", "-5"], "--budget-s"), ("tune", ["--budget-s", "nan"], "--budget-s"),
-    ("tune", ["--rotations", "0"], "--rotations"),
+    ("tune", ["--rotations", "0"], "--rotations"), ("tune", ["--split-rounds", "-1"], "--split-rounds"),
 ])
 def test_bench_and_tune_refuse_unusable_options_before_looking_for_a_gpu(monkeypatch, capsys, command, args,
                                                                         option) -> None:

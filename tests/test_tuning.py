@@ -495,14 +495,13 @@ def test_an_update_keeps_the_split_hints_of_the_buckets_it_did_not_retune() -> N
     assert merge_update(old, newer).meta["split_hints"] == {"1536": ["old"], "2048": ["kept"], "1024": ["new"]}
 
 
-def test_tune_on_a_fake_card_picks_per_bucket_and_records_where_its_pick_loses(monkeypatch, tmp_path) -> None:
-    """The whole tune loop (no GPU: CuPy, the bench helpers and the layer are stand-ins). On the fake card w96
-    is 3 % faster up to 1500 tokens and 6 % slower above, so bucket 1024 takes w96, bucket 1536 (1025-1536)
-    w128, and bucket 1536 records that w96 won its low edge under both routings."""
+@pytest.fixture
+def fake_card(monkeypatch):
+    """The tune loop's GPU side faked (CuPy, the bench helpers and the layer are stand-ins): on this card w96 is
+    3 % faster than w128 up to 1500 tokens and 6 % slower above, under both routings. Yields qwen3moe's spec."""
     import types
 
     from ferrum_gen import bench
-    from ferrum_gen import tune as tune_mod
 
     class Stream:
         def __init__(self, **_):
@@ -548,8 +547,35 @@ def test_tune_on_a_fake_card_picks_per_bucket_and_records_where_its_pick_loses(m
     monkeypatch.setattr(bench, "poisoned_like", lambda out: out)
     monkeypatch.setattr(bench, "quick_check", lambda *_: (0.0, True))
     monkeypatch.setattr(bench, "time_graph", time_graph)
+    return spec
+
+
+def test_tune_on_a_fake_card_picks_per_bucket_and_records_where_its_pick_loses(fake_card, tmp_path) -> None:
+    """The whole tune loop on the fake card: bucket 1024 takes w96, bucket 1536 (1025-1536) w128, and bucket 1536
+    records that w96 won its low edge under both routings."""
+    from ferrum_gen import tune as tune_mod
+
+    spec = fake_card
     table, path = tune_mod.tune(spec, out_root=tmp_path, budget_s=60, buckets=(1024, 1536), progress=False)
     assert {e.bucket: e.variants["stream_down"] for e in table.entries} == {1024: "w96", 1536: "w128"}
     hints = json.loads(path.read_text())["meta"]["split_hints"]
     assert list(hints) == ["1536"] and [h.split(":")[0] for h in hints["1536"]] == ["T = 1025 uniform", "T = 1025 skewed"]
     assert all("--buckets 1280" in h for h in hints["1536"])
+
+
+def test_split_rounds_add_the_hinted_buckets_until_the_picks_stop_losing(fake_card, tmp_path) -> None:
+    """From buckets 1024 and 2048, each round splits the bucket whose pick loses at an edge: 1536 (w128 loses
+    3 % at 1025), then 1280 (1025-1536 still mixed); the third round splits 1281-1536 at 1408, and w96's side
+    of the fake card's 1500-token crossover ends on w96 and the other side on w128."""
+    from ferrum_gen import tune as tune_mod
+
+    table, path, rounds = tune_mod.tune_with_splits(fake_card, 3, out_root=tmp_path, budget_s=60,
+                                                    buckets=(1024, 2048), progress=False)
+    assert rounds == [(1536,), (1280,), (1408,)]
+    picks = {e.bucket: e.variants["stream_down"] for e in table.entries}
+    assert picks == {1024: "w96", 1280: "w96", 1408: "w96", 1536: "w128", 2048: "w128"}
+    assert [u["buckets"] for u in table.meta["updates"]] == [[1536, 2048], [1280, 1536], [1408, 1536]]
+    assert tune_mod.hinted_buckets(table, [1408, 1536]) == (1472,)  # 1409-1536 still holds the crossover
+    _, _, none = tune_mod.tune_with_splits(fake_card, 0, out_root=tmp_path, budget_s=60, buckets=(1024,),
+                                           update=True, progress=False)
+    assert none == []
