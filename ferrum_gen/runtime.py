@@ -180,8 +180,14 @@ def aligned_rows(spec: MoeSpec, max_tokens: int, block_size: int) -> int:
     bounds every smaller one."""
     pairs = max_tokens * spec.top_k
     used = min(spec.num_experts, pairs)
-    sizes = {*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values(), block_size}
-    return max(b * (used + (pairs - used) // b) for b in sizes if b <= block_size)
+    return max(b * (used + (pairs - used) // b) for b in {*aligned_block_sizes(spec), block_size} if b <= block_size)
+
+
+@functools.lru_cache(maxsize=16)
+def aligned_block_sizes(spec: MoeSpec) -> frozenset[int]:
+    """Every block size align can be told to use for the spec: its prefill GEMMs' and its stream variants'.
+    Cached: enumerating the stream kernels takes ~0.3 ms, and every aligned forward checks its rows."""
+    return frozenset({*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values()})
 
 
 def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
