@@ -104,20 +104,24 @@ def weight_tensor_map(address: int, blocks: int, block_bytes: int, box_blocks: i
                          (block_bytes, box_blocks), f"{blocks} blocks of {block_bytes} bytes, boxes of {box_blocks}")
 
 
-def slot_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int, box_groups: int) -> bytes:
+SWIZZLED_BOX_VALUES = 64
+"""Columns of a 16-bit matrix in one 128-byte swizzled box row (swizzled_rows_tensor_map)."""
+
+
+def swizzled_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int) -> bytes:
     """The tensor map of a 16-bit matrix of `rows` rows of row_values (the stream path's a) for the wgmma
-    kernels' token copies: a 3-D tensor (8 values, rows, row_values / 8 groups of 8), the groups
-    innermost-but-one in memory but outermost in the box, so a box of box_rows rows by box_groups
-    groups lands group by group, 16 bytes a row in each (the core-matrix layout of stream.cuh)."""
-    return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT16", address, (8, rows, row_values // 8), (2 * row_values, 16),
-                         (8, box_rows, box_groups),
-                         f"{rows} rows of {row_values} values, boxes of {box_rows} x {box_groups} groups")
+    down kernels' token copies: boxes of box_rows rows by SWIZZLED_BOX_VALUES columns, 128 bytes a row,
+    in the 128-byte swizzle that wgmma reads (stream.cuh's TOKEN_TMA). 16-byte box rows (the core-matrix
+    layout, before) moved the same bytes at half the rate (docs/perf-notes.md)."""
+    return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT16", address, (row_values, rows), (2 * row_values,),
+                         (SWIZZLED_BOX_VALUES, box_rows), f"{rows} rows of {row_values} values, boxes of {box_rows} rows",
+                         swizzle="CU_TENSOR_MAP_SWIZZLE_128B")
 
 
 def _encode_tiled(data_type: str, address: int, dims: Sequence[int], strides: Sequence[int], box: Sequence[int],
-                  what: str) -> bytes:
+                  what: str, swizzle: str = "CU_TENSOR_MAP_SWIZZLE_NONE") -> bytes:
     """A CUtensorMap as the kernels read it: dims innermost first, strides in bytes of each dim after the
-    first, every box element copied, unswizzled, with L2 promotion of 256 bytes."""
+    first, every box element copied, with L2 promotion of 256 bytes; unswizzled unless told."""
     from cuda.bindings import driver as d
 
     u32, u64 = d.cuuint32_t, d.cuuint64_t
@@ -125,7 +129,7 @@ def _encode_tiled(data_type: str, address: int, dims: Sequence[int], strides: Se
         getattr(d.CUtensorMapDataType, data_type), u32(len(dims)), address, [u64(v) for v in dims],
         [u64(v) for v in strides], [u32(v) for v in box], [u32(1) for _ in dims],
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        getattr(d.CUtensorMapSwizzle, swizzle), d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != d.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed: {_error_name(d, err)} ({what})")

@@ -60,8 +60,8 @@ from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import fused_moe as fused_family
 from .families import stream as stream_family
-from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, slot_rows_tensor_map, weight_tensor_map
-from .quant import QK_K, WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
+from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, swizzled_rows_tensor_map, weight_tensor_map
+from .quant import WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
@@ -881,7 +881,7 @@ class MoeLayer:
             for kern in kernels:
                 rows = kern.launch["token_map_rows"]
                 if rows not in by_rows:
-                    raw = slot_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows, QK_K // 8)
+                    raw = swizzled_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows)
                     by_rows[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
                 out[kern.uri] = by_rows[rows]
         return out

@@ -194,6 +194,29 @@ def test_the_stream_variants_of_one_or_two_ctas_an_sm_refill_a_stage_early(spec)
         assert f"constexpr bool REFILL = {k.values['REFILL']};" in rendered[k.uri], k.uri
 
 
+def test_the_wgmma_gate_up_kernels_store_a_in_their_downs_k_step_order(spec) -> None:
+    """The wgmma variants' gate+up kernels store a's columns so that each k-step of their down kernel
+    (two k groups of 8, stream.cuh's WgFrag::group and LBO_GROUPS) is 32 contiguous bytes, which the
+    down's 128-byte swizzled token copies need; the mma.sync variants store a as computed. Either way
+    every column of a is stored exactly once, within its 256-column block."""
+    group, lbo = stream.WG_STEP_GROUPS[spec.quant.down]
+    order = stream.chunk_order(spec.quant.down)
+    for s in range(16):
+        assert (order[group(s)], order[group(s) + lbo]) == (2 * s, 2 * s + 1)
+    for k in enumerate_kernels(spec):
+        if k.family != "stream_gate_up_silu":
+            continue
+        wgmma = k.variant.startswith("w")
+        assert k.values["A_IN_STEP_ORDER"] == ("true" if wgmma else "false"), k.uri
+        assert tuple(k.values["A_CHUNKS"]) == (order if wgmma else tuple(range(32))), k.uri
+        columns = stream.a_columns(spec, k.variant)
+        if not wgmma:
+            assert columns is None, k.uri
+            continue
+        assert sorted(columns) == list(range(spec.intermediate_size)), k.uri
+        assert all(c // 256 == j // 256 for j, c in enumerate(columns)), k.uri
+
+
 def test_a_variant_that_fits_no_target_arch_is_a_spec_error() -> None:
     data = load_spec("qwen3moe").model_dump(mode="json")
     data["variants"]["gate_up_tile_n"] = [256]

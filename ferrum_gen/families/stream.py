@@ -215,6 +215,37 @@ def default_variant(spec: MoeSpec) -> tuple[int, int]:
     return next((v for v in DEFAULT_PREFERENCE if v in fits_all), (fits_all or _variants(spec))[0])
 
 
+WG_STEP_GROUPS = {
+    QuantType.Q4_K: (lambda s: 8 * (s >> 2) + (s & 3), 4),
+    QuantType.Q6_K: (lambda s: 16 * (s >> 3) + 4 * (s & 1) + 2 * ((s >> 2) & 1) + ((s >> 1) & 1), 8),
+}
+"""For each down quant type, the wgmma down kernel's k groups (8 columns each) of k-step s (0-15) of a
+256-column block: group(s) and group(s) + the second value (stream.cuh's WgFrag::group and LBO_GROUPS,
+which the gate+up kernels' static_assert checks this against)."""
+CHUNKS_PER_BLOCK = QK_K // 8
+
+
+def chunk_order(qt: QuantType) -> tuple[int, ...]:
+    """Where the wgmma gate+up kernels store a's columns for their down kernel (of quant type qt): 16-byte
+    chunk c (8 columns) of each 256-column block goes to chunk chunk_order(qt)[c], so that k-step s's two
+    k groups are chunks 2 s and 2 s + 1 and the down's token copies are whole 128-byte rows."""
+    group, lbo = WG_STEP_GROUPS[qt]
+    order = [0] * CHUNKS_PER_BLOCK
+    for s in range(CHUNKS_PER_BLOCK // 2):
+        for half in range(2):
+            order[group(s) + half * lbo] = 2 * s + half
+    return tuple(order)
+
+
+def a_columns(spec: MoeSpec, variant: str) -> list[int] | None:
+    """For a stream variant whose gate+up stores a in its down's k-step order (the wgmma ones), the
+    stored column of each of a's columns (intermediate_size of them); None where a is stored as is."""
+    if not variant.startswith("w"):
+        return None
+    order = chunk_order(spec.quant.down)
+    return [c - c % QK_K + 8 * order[(c % QK_K) // 8] + c % 8 for c in range(spec.intermediate_size)]
+
+
 def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim: int, matrices: int,
              args: tuple[Arg, ...], values: dict) -> list[KernelSpec]:
     if not supported(spec):
@@ -247,6 +278,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "PRODUCER_REGS": PRODUCER_REGS, "CONSUMER_REGS": consumer_registers(threads, producer),
                     "REFILL": "true" if not wg and ctas <= REFILL_MAX_CTAS else "false",
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
+                    "DOWN_GROUPED_Q": GROUPED_STRUCT[spec.quant.down], "A_IN_STEP_ORDER": "true" if wg else "false",
+                    "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
                     "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
@@ -266,9 +299,9 @@ launch["tile_n"] rows is tile_n / WEIGHT_TILE_ROWS boxes), gate's then up's (run
 launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
 ignored on older archs."""
 ACT_MAP = Arg("act_map", "const void*")
-"""The down kernels' tensor map of a (in sorted order, a slot a row) as (8 values, rows, I / 8 groups),
-a box of a block's rows by 32 groups: one step's tokens in the wgmma kernels' core-matrix layout
-(runtime.py, launch.slot_rows_tensor_map). Read by the wgmma variant on sm_90, ignored elsewhere."""
+"""The down kernels' tensor map of a (in sorted order, a slot a row), boxes of a block's rows by 64 columns
+in the 128-byte swizzle: a step's tokens are four of them (runtime.py, launch.swizzled_rows_tensor_map).
+Read by the wgmma variant on sm_90, ignored elsewhere."""
 BLOCK_READY = Arg("block_ready", "int*")
 """Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
 a block's I rows before it reads them (templates/stream.cuh.j2)."""
