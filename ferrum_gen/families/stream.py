@@ -223,6 +223,11 @@ WG_STEP_GROUPS = {
 256-column block: group(s) and group(s) + the second value (stream.cuh's WgFrag::group and LBO_GROUPS,
 which the gate+up kernels' static_assert checks this against)."""
 CHUNKS_PER_BLOCK = QK_K // 8
+TMA_ALIGN = 128
+"""Alignment of a stream kernel's ring in shared memory: tensor copies land on 128 bytes."""
+SWIZZLE_ALIGN = 1024
+"""The wgmma down kernels' ring alignment: their tokens land in 128-byte swizzled atoms of 1024 bytes, which
+wgmma's swizzled descriptors read from their 1024-byte boundaries (stream.cuh's TOKEN_TMA)."""
 
 
 def chunk_order(qt: QuantType) -> tuple[int, ...]:
@@ -280,6 +285,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "DOWN_GROUPED_Q": GROUPED_STRUCT[spec.quant.down], "A_IN_STEP_ORDER": "true" if wg else "false",
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
+                    "SMEM_ALIGN": SWIZZLE_ALIGN if wg and matrices == 1 else TMA_ALIGN,
                     "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
