@@ -114,7 +114,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import check_options, describe, tune_with_splits
+    from .tune import check_options, describe, last_run, tune_with_splits
     from .tuning import BUCKETS, TuningError
 
     spec = load_spec(args.spec)
@@ -143,9 +143,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
     print(describe(table))
-    run = table.meta["updates"][-1] if args.update or rounds else table.meta
+    updated = args.update or bool(rounds)
+    run = last_run(table, updated)
     done = "complete" if run.get("complete") else "INCOMPLETE (budget ran out: later buckets use the default rule)"
-    what = f"buckets {', '.join(map(str, run['buckets']))} updated in the" if args.update or rounds else "the"
+    what = f"buckets {', '.join(map(str, run['buckets']))} updated in the" if updated else "the"
     for i, added in enumerate(rounds, 1):
         print(f"{spec.name}: split round {i} added buckets {', '.join(map(str, added))}")
     print(f"{spec.name}: {what} tuning table for {table.gpu} -> {path} ({done}, {run.get('elapsed_s')} s)")

@@ -360,6 +360,12 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     return table, table.save(path)
 
 
+def last_run(table: tuning.TuningTable, updated: bool) -> dict:
+    """The meta of the run that last changed the table: its last update's where it was updated (tune
+    --update, or a split round), else the table's own."""
+    return table.meta["updates"][-1] if updated and "updates" in table.meta else table.meta
+
+
 def hinted_buckets(table: tuning.TuningTable, tuned: Iterable[int]) -> tuple[int, ...]:
     """The buckets that would split those of `tuned` whose pick the table's split hints say loses somewhere."""
     buckets = [e.bucket for e in table.entries]
@@ -378,7 +384,7 @@ def tune_with_splits(spec: MoeSpec, split_rounds: int, out_root: Path = Path("ge
     table, path = tune(spec, out_root, budget_s=budget_s, buckets=buckets, update=update, **options)
     rounds: list[tuple[int, ...]] = []
     for _ in range(split_rounds):
-        run = table.meta["updates"][-1] if "updates" in table.meta and (update or rounds) else table.meta
+        run = last_run(table, update or bool(rounds))
         added = hinted_buckets(table, run.get("buckets", buckets))
         left = budget_s - (time.monotonic() - start)
         if not added or left <= 0 or not run.get("complete", True):

@@ -11,8 +11,7 @@ import pytest
 
 from ferrum_gen import tuning
 from ferrum_gen.quant import row_bytes
-from ferrum_gen.families import stream as stream_family
-from ferrum_gen.runtime import aligned_rows, block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
+from ferrum_gen.runtime import aligned_block_sizes, aligned_rows, block_size_cap, decode_token_cap, scratch_shapes, shapes_bytes
 from ferrum_gen.spec import ActivationDtype, load_spec, shipped_spec_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +71,9 @@ def most_padded_routing(spec, tokens: int, block_size: int) -> np.ndarray:
 def test_the_sorted_rows_hold_the_most_padded_call_at_every_block_size(spec, max_tokens: int) -> None:
     cap = block_size_cap(spec, committed_table(spec), max_tokens)
     rows = aligned_rows(spec, max_tokens, cap)
-    sizes = {*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values()}
     rng = np.random.default_rng(max_tokens)
     worst = 0
-    for b in (b for b in sizes if b <= cap):
+    for b in (b for b in aligned_block_sizes(spec) if b <= cap):
         for tokens in {1, max(1, max_tokens // 2), max_tokens}:
             counts = most_padded_routing(spec, tokens, b)
             assert counts.sum() == tokens * spec.top_k and counts.max() <= tokens
