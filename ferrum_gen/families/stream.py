@@ -226,8 +226,9 @@ CHUNKS_PER_BLOCK = QK_K // 8
 TMA_ALIGN = 128
 """Alignment of a stream kernel's ring in shared memory: tensor copies land on 128 bytes."""
 SWIZZLE_ALIGN = 1024
-"""The wgmma down kernels' ring alignment: their tokens land in 128-byte swizzled atoms of 1024 bytes, which
-wgmma's swizzled descriptors read from their 1024-byte boundaries (stream.cuh's TOKEN_TMA)."""
+"""The ring alignment of the wgmma kernels whose tokens are in the 128-byte swizzle (the downs, and the Q4_K
+gate+ups): atoms of 1024 bytes, which wgmma's swizzled descriptors read from their 1024-byte boundaries
+(stream.cuh's SW)."""
 
 
 def chunk_order(qt: QuantType) -> tuple[int, ...]:
@@ -285,7 +286,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "MMA_T": MMA_CTYPE[dtype], "GROUPED_Q": GROUPED_STRUCT[qt],
                     "DOWN_GROUPED_Q": GROUPED_STRUCT[spec.quant.down], "A_IN_STEP_ORDER": "true" if wg else "false",
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
-                    "SMEM_ALIGN": SWIZZLE_ALIGN if wg and matrices == 1 else TMA_ALIGN,
+                    "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
                     "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
