@@ -94,16 +94,6 @@ TENSOR_MAP_BYTES = 128
 """A CUtensorMap, as the kernels read it from global memory (64-byte aligned)."""
 
 
-def weight_tensor_map(address: int, blocks: int, block_bytes: int, box_blocks: int) -> bytes:
-    """The tensor map of an expert stack for the stream kernels' weight copies (sm_90): the stack's
-    `blocks` quantized blocks of block_bytes at `address` as a 2-D byte tensor of a block a row,
-    copied box_blocks consecutive blocks at a time (in the tile-major layout, a weight tile's blocks
-    of one k-step), unswizzled (block r of the box lands block_bytes * r into the stage). Needs
-    cuda.bindings and a driver that reaches the GPU."""
-    return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT8", address, (block_bytes, blocks), (block_bytes,),
-                         (block_bytes, box_blocks), f"{blocks} blocks of {block_bytes} bytes, boxes of {box_blocks}")
-
-
 SWIZZLED_BOX_VALUES = 64
 """Columns of a 16-bit matrix in one 128-byte swizzled box row (swizzled_rows_tensor_map)."""
 
@@ -122,7 +112,11 @@ def _encode_tiled(data_type: str, address: int, dims: Sequence[int], strides: Se
                   what: str, swizzle: str = "CU_TENSOR_MAP_SWIZZLE_NONE") -> bytes:
     """A CUtensorMap as the kernels read it: dims innermost first, strides in bytes of each dim after the
     first, every box element copied, with L2 promotion of 256 bytes; unswizzled unless told."""
-    from cuda.bindings import driver as d
+    try:
+        from cuda.bindings import driver as d
+    except ImportError as err:
+        raise RuntimeError(f"the wgmma down kernels copy their tokens by tensor maps, which need cuda.bindings "
+                           f"({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])") from err
 
     u32, u64 = d.cuuint32_t, d.cuuint64_t
     err, tensor_map = d.cuTensorMapEncodeTiled(

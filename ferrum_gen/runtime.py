@@ -60,8 +60,8 @@ from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import fused_moe as fused_family
 from .families import stream as stream_family
-from .launch import TENSOR_MAP_BYTES, DependentLauncher, pdl_unavailable, swizzled_rows_tensor_map, weight_tensor_map
-from .quant import WEIGHT_TILE_ROWS, QuantType, layout, row_bytes, to_gpu_layout
+from .launch import DependentLauncher, pdl_unavailable, swizzled_rows_tensor_map
+from .quant import QuantType, row_bytes, to_gpu_layout
 from .settings import Settings, get_settings
 from .spec import ActivationDtype, MoeSpec
 
@@ -300,7 +300,8 @@ class MoeLayer:
             for kernels in self.variants.get(family, {}).values():
                 for kern in kernels:
                     self._resident[kern.uri] = self._resident_ctas(kern, kern.launch["smem_bytes"][bundle.arch])
-        self._w_maps = self._weight_tensor_maps()
+        self._stream_uris = {k.uri for family in ("stream_gate_up_silu", "stream_down")
+                             for ks in self.variants.get(family, {}).values() for k in ks}
         self.tuning = self._find_tuning(tuning_table)
         self.pdl_off_reason = "FERRUM_MOE_PDL=0" if not self.settings.pdl else pdl_unavailable(bundle.arch)
         """None when the grouped and stream paths launch their kernels as programmatic dependents; else why not."""
@@ -826,46 +827,13 @@ class MoeLayer:
         """CTAs that align (and align_count, when above 1) run with for `tokens`."""
         return align_family.cta_count(tokens * self.spec.top_k)
 
-    def _weight_tensor_maps(self) -> dict[str, Any]:
-        """The stream kernels' weight tensor maps (families/stream.py WEIGHT_MAPS) in device memory,
-        by kernel uri (the kernels of one family share theirs): encoded where those kernels copy
-        weights by tensor copies (stream.py's WGMMA_ARCHS, built as sm_90a), else a placeholder the
-        older archs' kernels never read."""
-        spec = self.spec
-        stacks = {"stream_gate_up_silu": ((self.gate, self.up), spec.intermediate_size, spec.hidden_size),
-                  "stream_down": ((self.down,), spec.hidden_size, spec.intermediate_size)}
-        tensor_copies = self.bundle.arch in {a.value for a in stream_family.WGMMA_ARCHS}
-        out = {}
-        for family, (projections, out_dim, in_dim) in stacks.items():
-            kernels = [k for ks in self.variants.get(family, {}).values() for k in ks]
-            if kernels:
-                maps = self._encode_weight_maps(projections, out_dim, in_dim) if tensor_copies else self._placeholder
-                out.update((k.uri, maps) for k in kernels)
-        return out
-
-    def _encode_weight_maps(self, projections: tuple[DeviceProjection, ...], out_dim: int, in_dim: int) -> Any:
-        """One tensor map a projection (its expert stack: E * out_dim rows of in_dim weights, tile-major),
-        each over the stack's blocks, boxes of a weight tile's blocks of one k-step, side by side in a
-        device array."""
-        lay = layout(projections[0].quant)
-        blocks = self.spec.num_experts * out_dim * (in_dim // lay.weights_per_block)
-        try:
-            maps = b"".join(weight_tensor_map(p.data.data.ptr, blocks, lay.gpu_block_bytes, WEIGHT_TILE_ROWS)
-                            for p in projections)
-        except ImportError as err:
-            raise RuntimeError(f"the stream kernels copy weights by tensor maps on {self.bundle.arch}, which "
-                               f"need cuda.bindings ({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])") from err
-        assert len(maps) == TENSOR_MAP_BYTES * len(projections)
-        return _cupy().asarray(np.frombuffer(maps, dtype=np.uint8))
-
     def _stream_args(self, kern: Kernel, claims: int) -> dict[str, Any]:
-        """w_maps, block_ready and tile_claims (entry `claims` of the scratch: each kernel of a call
-        counts its own) for a kernel that takes them (the stream kernels), and act_map for the down
-        ones; else nothing."""
-        maps = self._w_maps.get(kern.uri)
-        if maps is None:
+        """block_ready and tile_claims (entry `claims` of the scratch: each kernel of a call counts its
+        own) for a kernel that takes them (the stream kernels), and act_map for the down ones; else
+        nothing."""
+        if kern.uri not in self._stream_uris:
             return {}
-        out = {"w_maps": maps, "block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
+        out = {"block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
         act_map = self._act_maps.get(kern.uri)
         if act_map is not None:
             out["act_map"] = act_map

@@ -299,12 +299,6 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     return out
 
 
-WEIGHT_MAPS = Arg("w_maps", "const void*")
-"""The stream kernels' weight tensor maps: one CUtensorMap (128 bytes) a matrix in global memory, a
-box of one weight tile's blocks of a k-step (quant.WEIGHT_TILE_ROWS, tile-major; a kernel's tile of
-launch["tile_n"] rows is tile_n / WEIGHT_TILE_ROWS boxes), gate's then up's (runtime.py,
-launch.weight_tensor_map). Read on sm_90 (the kernels' weight copies are tensor copies there) and
-ignored on older archs."""
 ACT_MAP = Arg("act_map", "const void*")
 """The down kernels' tensor map of a (in sorted order, a slot a row), boxes of a block's rows by 64 columns
 in the 128-byte swizzle: a step's tokens are four of them (runtime.py, launch.swizzled_rows_tensor_map).
@@ -320,12 +314,12 @@ calls: the call's last claim zeroes it; templates/stream.cuh.j2). Ignored by the
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    (*aligned_gate_up_args(dtype), WEIGHT_MAPS, BLOCK_READY, TILE_CLAIMS),
+                    (*aligned_gate_up_args(dtype), BLOCK_READY, TILE_CLAIMS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
     qd, dtype = spec.quant.down, spec.activation_dtype
     return _kernels(spec, "stream_down", qd.value, qd, spec.hidden_size, 1,
-                    (*aligned_down_args(dtype), WEIGHT_MAPS, ACT_MAP, BLOCK_READY, TILE_CLAIMS),
+                    (*aligned_down_args(dtype), ACT_MAP, BLOCK_READY, TILE_CLAIMS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "OUT_T": ACT_CTYPE[dtype]})
