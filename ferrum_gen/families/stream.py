@@ -224,7 +224,8 @@ WG_STEP_GROUPS = {
 which the gate+up kernels' static_assert checks this against)."""
 CHUNKS_PER_BLOCK = QK_K // 8
 TMA_ALIGN = 128
-"""Alignment of a stream kernel's ring in shared memory: tensor copies land on 128 bytes."""
+"""Alignment of the other stream kernels' ring in shared memory. Their bulk weight copies need only 16
+bytes; 128 is what their static shared memory, registers and tuning tables were measured with."""
 SWIZZLE_ALIGN = 1024
 """The ring alignment of the wgmma kernels whose tokens are in the 128-byte swizzle (the downs, and the Q4_K
 gate+ups): atoms of 1024 bytes, which wgmma's swizzled descriptors read from their 1024-byte boundaries
