@@ -7,6 +7,7 @@ from .families import (
     align_count,
     combine,
     fused_moe,
+    gather_x,
     gemm_down,
     gemm_gate_up_silu,
     gemv_down_combine,
@@ -21,7 +22,7 @@ from .families.base import KernelSpec
 from .spec import MoeSpec
 
 FAMILIES = (router, align_count, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
-            fused_moe, gemm_gate_up_silu, gemm_down, stream_gate_up_silu, stream_down, combine)
+            fused_moe, gemm_gate_up_silu, gemm_down, gather_x, stream_gate_up_silu, stream_down, combine)
 
 
 def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:

@@ -194,16 +194,19 @@ def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str,
     """align's outputs and a for calls of up to max_tokens at block sizes up to block_size: the sorted
     slots (aligned_rows), a block's expert, count of rows of a (the stream kernels') and first row of
     a each, and a, which has a row per real slot plus block_size - 1 rows past the last, which the
-    last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes."""
+    last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes; with
+    prefill.sorted_x, x_sorted, x's rows in the same order (the gather_x kernel's)."""
     rows = aligned_rows(spec, max_tokens, block_size)
     blocks = (rows // min(spec.prefill.block_sizes) + 1,)
+    slot_rows = max_tokens * spec.top_k + block_size - 1
     return {
         "sorted_ids": ((rows,), "int32"),
         "block_expert": (blocks, "int32"),
         "block_ready": (blocks, "int32"),
         "block_a_row": (blocks, "int32"),
-        "a_sorted": ((max_tokens * spec.top_k + block_size - 1, spec.intermediate_size),
-                     _MMA_CUPY[spec.activation_dtype]),
+        "a_sorted": ((slot_rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
+        **({"x_sorted": ((slot_rows, spec.hidden_size), _MMA_CUPY[spec.activation_dtype])}
+           if stream_family.sorted_x(spec) else {}),
     }
 
 
@@ -283,6 +286,7 @@ class MoeLayer:
         self.k_align = bundle.one("align")
         self.k_align_count = bundle.one("align_count")
         self.k_combine = bundle.one("combine")
+        self.k_gather_x = bundle.one("gather_x") if stream_family.sorted_x(spec) else None
         dev = cp.cuda.Device(self.device_id)
         self._sm_count = dev.attributes["MultiProcessorCount"]
         self._smem_per_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
@@ -735,6 +739,12 @@ class MoeLayer:
             if self.x_mma is not None:
                 x_in = self.x_mma[:T]
                 cp.copyto(x_in, xc)
+            if any(kern.launch["token_map_rows"] for kern in gate_up):  # their tokens from x_sorted
+                kx = self.k_gather_x
+                grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
+                self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
+                             block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
+                             num_pairs=P, x_sorted=self.x_sorted)
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
@@ -840,18 +850,24 @@ class MoeLayer:
         return out
 
     def _slot_rows_maps(self) -> dict[str, Any]:
-        """act_map for every down kernel, by uri (families/stream.py ACT_MAP): the tensor map of a_sorted
-        with boxes of the variant's token_map_rows where it copies its tokens by tensor copies (one map
-        a box size), a placeholder for the variants that do not read one. Made with a_sorted, here and
-        in _fit_aligned_scratch, not at a launch, which may be inside a graph capture."""
-        a, by_rows, out = self.a_sorted, {0: self._placeholder}, {}
-        for kernels in self.variants.get("stream_down", {}).values():
-            for kern in kernels:
-                rows = kern.launch["token_map_rows"]
-                if rows not in by_rows:
-                    raw = swizzled_rows_tensor_map(a.data.ptr, a.shape[0], a.shape[1], rows)
-                    by_rows[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
-                out[kern.uri] = by_rows[rows]
+        """act_map for every stream kernel that takes one, by uri (families/stream.py ACT_MAP): the tensor
+        map of its tokens in sorted order (down: a_sorted; gate+up with prefill.sorted_x: x_sorted) with
+        boxes of the variant's token_map_rows where it copies its tokens by tensor copies (one map a
+        buffer and box size), a placeholder for the variants that do not read one. Made with the
+        buffers, here and in _fit_aligned_scratch, not at a launch, which may be inside a graph capture."""
+        sources = {"stream_down": self.a_sorted}
+        if stream_family.sorted_x(self.spec):
+            sources["stream_gate_up_silu"] = self.x_sorted
+        out = {}
+        for family, tokens in sources.items():
+            by_rows = {0: self._placeholder}
+            for kernels in self.variants.get(family, {}).values():
+                for kern in kernels:
+                    rows = kern.launch["token_map_rows"]
+                    if rows not in by_rows:
+                        raw = swizzled_rows_tensor_map(tokens.data.ptr, tokens.shape[0], tokens.shape[1], rows)
+                        by_rows[rows] = _cupy().asarray(np.frombuffer(raw, dtype=np.uint8))
+                    out[kern.uri] = by_rows[rows]
         return out
 
     def _fit_aligned_scratch(self, block_size: int | None) -> None:

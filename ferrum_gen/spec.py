@@ -116,6 +116,12 @@ class PrefillConfig(BaseModel):
     )
     gate_up_tile_n: StrictInt = Field(default=32, description="intermediate columns per gate+up GEMM tile")
     down_tile_n: StrictInt = Field(default=64, description="hidden columns per down GEMM tile")
+    sorted_x: StrictBool = Field(
+        default=False,
+        description="the wgmma stream gate+up kernels read their tokens by tensor copies from a copy of x in "
+                    "sorted order, made by a kernel of its own after align (scratch: max_tokens x top_k rows of "
+                    "hidden_size 16-bit values); needs Q4_K gate and up, 16-bit activations and sm_90",
+    )
 
     @field_validator("padding_budget", "gate_up_tile_n", "down_tile_n", mode="before")
     @classmethod
@@ -361,6 +367,16 @@ class MoeSpec(BaseModel):
                         f"pick a multiple of 32 that divides {size}"
                         + (f", e.g. one of {choices}" if choices else "")
                     )
+        if self.prefill.sorted_x:
+            missing = [why for why, bad in (
+                ("quant.gate and quant.up q4_k", not (self.quant.gate is self.quant.up is QuantType.Q4_K)),
+                ("activation_dtype f16 or bf16", self.activation_dtype is ActivationDtype.F32),
+                ("sm_90 in target_archs", Arch.SM_90 not in self.target_archs)) if bad]
+            if missing:
+                raise ValueError(
+                    f"prefill.sorted_x is true, but only the wgmma Q4_K gate+up kernels read a sorted x, and this "
+                    f"spec has none: it needs {', '.join(missing)}; set prefill.sorted_x to false"
+                )
         for field, extra, default in (
             ("gate_up_tile_n", self.variants.gate_up_tile_n, self.prefill.gate_up_tile_n),
             ("down_tile_n", self.variants.down_tile_n, self.prefill.down_tile_n),

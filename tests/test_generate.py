@@ -27,9 +27,10 @@ STREAM_FAMILIES = {"stream_gate_up_silu", "stream_down"}
 def families_of(spec) -> set[str]:
     """Every spec has FAMILIES; the grouped and stream kernels only where gate and up share a quant
     type (and, for stream, the tiles divide the projections); the fused kernel where the grouped ones
-    are and the spec targets sm_90."""
+    are and the spec targets sm_90; gather_x where the wgmma gate+up kernels read a sorted x."""
     return (FAMILIES | (GROUPED_FAMILIES if grouped_supported(spec) else set())
             | (STREAM_FAMILIES if stream.supported(spec) else set())
+            | ({"gather_x"} if stream.sorted_x(spec) else set())
             | ({fused_moe.FAMILY} if fused_moe.supported(spec) else set()))
 
 
@@ -261,7 +262,9 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         warps = launch["tile_n"] // 16 * (matrices if wgmma else 1) + launch["producer_warps"]
         assert launch["threads"] == warps * 32, k.uri
         assert launch["producer_warps"] == (stream.PRODUCER_WARPS[matrices] if wgmma else 0), k.uri
-        assert launch["token_map_rows"] == (launch["block_size"] if wgmma and matrices == 1 else 0), k.uri
+        # tokens by tensor copies: down's a, and gate+up's x_sorted where the spec asks for it
+        maps_tokens = matrices == 1 or stream.sorted_x(spec)
+        assert launch["token_map_rows"] == (launch["block_size"] if wgmma and maps_tokens else 0), k.uri
         consumer_regs, copiers = k.values["CONSUMER_REGS"], 32 * launch["producer_warps"]
         if consumer_regs:
             assert consumer_regs % stream.REGISTER_GRANULE == 0 and consumer_regs <= 256, k.uri
@@ -269,7 +272,7 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
             # more than the pool and setmaxnreg.inc waits for registers that never come: a hang
             assert handed_out <= stream.registers_at_launch(launch["threads"]) * launch["threads"], k.uri
             assert copiers % (32 * stream.WARPGROUP_WARPS) == 0, k.uri
-        assert ("act_map" in {a.name for a in k.args}) == (matrices == 1), k.uri
+        assert ("act_map" in {a.name for a in k.args}) == maps_tokens, k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"], wgmma)
         for arch, stages in launch["stages"].items():

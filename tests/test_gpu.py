@@ -136,8 +136,10 @@ class Case:
     def run(self, x, logits, path: str, variants=None):
         out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
         poison(out)
+        sorted_x = getattr(self.layer, "x_sorted", None)
         for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_pairs, self.layer.y_grouped, self.layer.ids,
-                    self.layer.weights, self.layer.sorted_ids, self.layer.block_a_row):
+                    self.layer.weights, self.layer.sorted_ids, self.layer.block_a_row,
+                    *(() if sorted_x is None else (sorted_x,))):
             poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
         self.layer.forward(x, logits, out=out, path=path, variants=variants)
         cp.cuda.get_current_stream().synchronize()
@@ -443,6 +445,10 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             if stored is not None:  # the wgmma variants keep a's columns in their down kernel's k-step order
                 a = a[:, cp.asarray(stored)]
             assert rel_err(from_act(a, spec.activation_dtype), ref_a) <= tol, where
+            x_stored = stream_family.x_columns(spec)
+            if x_stored is not None and variants["stream_gate_up_silu"].startswith("w"):  # gather_x ran: exact copies
+                rows = case.layer.x_sorted[a_rows_by_pair(case.layer, P)][:, cp.asarray(x_stored)]
+                assert bool((rows == x[cp.arange(P) // spec.top_k]).all()), f"{where}: x_sorted"
             assert rel_err(from_act(case.layer.y_pairs[:P], spec.activation_dtype), ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
             assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
@@ -1040,5 +1046,7 @@ def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> Non
                 for f in tuning.PATH_FAMILIES[path]}
     if fused_moe.supported(case.spec):  # in the bundle for every arch; run (and tested) on sm_90
         optional.add(fused_moe.FAMILY)
+    if stream_family.sorted_x(case.spec):  # run before the wgmma gate+up kernels (test_stream_kernels_match_reference)
+        optional.add("gather_x")
     assert families == {"router", "align_count", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
                         "gemm_down", "combine"} | optional

@@ -45,7 +45,8 @@ def _base() -> dict[str, Any]:
         "quant": {"gate": "q4_k", "up": "q4_k", "down": "q6_k"},
         "activation_dtype": "bf16",
         "decode_max_tokens": 16,
-        "prefill": {"block_sizes": [16, 32, 64], "padding_budget": 1.3, "gate_up_tile_n": 32, "down_tile_n": 64},
+        "prefill": {"block_sizes": [16, 32, 64], "padding_budget": 1.3, "gate_up_tile_n": 32, "down_tile_n": 64,
+                    "sorted_x": False},
         "target_archs": ["sm_80", "sm_90"],
     }
 
@@ -326,6 +327,14 @@ BAD_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ("down_tile_n not a multiple of 32", _set("prefill.down_tile_n", 16),
      ["prefill.down_tile_n is 16", "positive multiple of 32"]),
     ("down_tile_n zero", _set("prefill.down_tile_n", 0), ["prefill.down_tile_n is 0", "positive multiple of 32"]),
+    # sorted x
+    ("sorted_x not a boolean", _set("prefill.sorted_x", "maybe"), ["prefill.sorted_x", "true or false"]),
+    ("sorted_x with f32 activations", lambda d: (_set("prefill.sorted_x", True)(d), _set("activation_dtype", "f32")(d)),
+     ["prefill.sorted_x is true", "activation_dtype f16 or bf16", "set prefill.sorted_x to false"]),
+    ("sorted_x with q6_k gate", lambda d: (_set("prefill.sorted_x", True)(d), _set("quant.gate", "q6_k")(d)),
+     ["prefill.sorted_x is true", "quant.gate and quant.up q4_k", "set prefill.sorted_x to false"]),
+    ("sorted_x without sm_90", lambda d: (_set("prefill.sorted_x", True)(d), _set("target_archs", ["sm_80"])(d)),
+     ["prefill.sorted_x is true", "sm_90 in target_archs", "set prefill.sorted_x to false"]),
     # name
     ("upper-case name with a dash", _set("name", "Qwen-3"), ["name 'Qwen-3'", "lower-case", "e.g. qwen3moe"]),
     ("name starting with a digit", _set("name", "3moe"), ["name '3moe'", "starting with a letter"]),

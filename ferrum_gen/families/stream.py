@@ -244,13 +244,30 @@ def chunk_order(qt: QuantType) -> tuple[int, ...]:
     return tuple(order)
 
 
+def sorted_x(spec: MoeSpec) -> bool:
+    """Whether the spec's wgmma gate+up kernels read their tokens from x_sorted (prefill.sorted_x: a copy
+    of x in align's order, with each 256-column block's chunks in the Q4_K k-step order, made by the
+    gather_x kernel), by tensor copies of 128-byte rows, as down reads a."""
+    return spec.prefill.sorted_x and supported(spec) and bool(_wgmma_variants(spec))
+
+
 def a_columns(spec: MoeSpec, variant: str) -> list[int] | None:
     """For a stream variant whose gate+up stores a in its down's k-step order (the wgmma ones), the
     stored column of each of a's columns (intermediate_size of them); None where a is stored as is."""
     if not variant.startswith("w"):
         return None
-    order = chunk_order(spec.quant.down)
-    return [c - c % QK_K + 8 * order[(c % QK_K) // 8] + c % 8 for c in range(spec.intermediate_size)]
+    return _stored_columns(chunk_order(spec.quant.down), spec.intermediate_size)
+
+
+def x_columns(spec: MoeSpec) -> list[int] | None:
+    """With prefill.sorted_x, the column of x_sorted that holds each of x's columns (hidden_size of them:
+    the Q4_K k-step order, which the wgmma gate+up kernels' tensor copies read); else None."""
+    return _stored_columns(chunk_order(QuantType.Q4_K), spec.hidden_size) if sorted_x(spec) else None
+
+
+def _stored_columns(order: tuple[int, ...], columns: int) -> list[int]:
+    """Where each of `columns` columns is stored when each 256-column block's chunk c goes to order[c]."""
+    return [c - c % QK_K + 8 * order[(c % QK_K) // 8] + c % 8 for c in range(columns)]
 
 
 def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim: int, matrices: int,
@@ -261,6 +278,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
     default = default_variant(spec)
     out = []
     wgmma = [(bs, 1, True) for bs in _wgmma_variants(spec)]
+    sorted_tokens = matrices == 2 and sorted_x(spec)
     for bs, ctas, wg in [(bs, ctas, False) for bs, ctas in _variants(spec)] + wgmma:
         stages = _stages(spec, bs, ctas, wg)[0 if matrices == 2 else 1]
         if wg:
@@ -288,12 +306,12 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "DOWN_GROUPED_Q": GROUPED_STRUCT[spec.quant.down], "A_IN_STEP_ORDER": "true" if wg else "false",
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
                     "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
-                    "STAGES_BY_ARCH": by_arch},
+                    "SORTED_X": "true" if wg and sorted_tokens else "false", "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
-                    "producer_warps": producer, "token_map_rows": bs if producer and matrices == 1 else 0,
+                    "producer_warps": producer, "token_map_rows": bs if producer and (matrices == 1 or sorted_tokens) else 0,
                     "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
@@ -301,9 +319,10 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
 
 
 ACT_MAP = Arg("act_map", "const void*")
-"""The down kernels' tensor map of a (in sorted order, a slot a row), boxes of a block's rows by 64 columns
-in the 128-byte swizzle: a step's tokens are four of them (runtime.py, launch.swizzled_rows_tensor_map).
-Read by the wgmma variant on sm_90, ignored elsewhere."""
+"""The tensor map of the kernel's tokens in sorted order, a real slot a row (down: a; gate+up with
+prefill.sorted_x: x_sorted), boxes of a block's rows by 64 columns in the 128-byte swizzle: a step's tokens
+are four of them (runtime.py, launch.swizzled_rows_tensor_map). Read by the wgmma variants on sm_90,
+ignored elsewhere."""
 BLOCK_READY = Arg("block_ready", "int*")
 """Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
 a block's I rows before it reads them (templates/stream.cuh.j2)."""
@@ -315,8 +334,9 @@ calls: the call's last claim zeroes it; templates/stream.cuh.j2). Ignored by the
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    (*aligned_gate_up_args(dtype), BLOCK_READY, TILE_CLAIMS),
-                    {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k})
+                    (*aligned_gate_up_args(dtype), *((ACT_MAP,) if sorted_x(spec) else ()), BLOCK_READY, TILE_CLAIMS),
+                    {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k,
+                     "ACT_MAP": "act_map" if sorted_x(spec) else "/*act_map*/ nullptr"})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
