@@ -194,8 +194,7 @@ def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str,
     """align's outputs and a for calls of up to max_tokens at block sizes up to block_size: the sorted
     slots (aligned_rows), a block's expert, count of rows of a (the stream kernels') and first row of
     a each, and a, which has a row per real slot plus block_size - 1 rows past the last, which the
-    last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes; with
-    prefill.sorted_x, x_sorted, x's rows in the same order (the gather_x kernel's)."""
+    last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes."""
     rows = aligned_rows(spec, max_tokens, block_size)
     blocks = (rows // min(spec.prefill.block_sizes) + 1,)
     slot_rows = max_tokens * spec.top_k + block_size - 1
@@ -205,8 +204,6 @@ def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str,
         "block_ready": (blocks, "int32"),
         "block_a_row": (blocks, "int32"),
         "a_sorted": ((slot_rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
-        **({"x_sorted": ((slot_rows, spec.hidden_size), _MMA_CUPY[spec.activation_dtype])}
-           if stream_family.sorted_x(spec) else {}),
     }
 
 
@@ -224,8 +221,12 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         "logits32": ((max_tokens, E), "float32"),
         **aligned_shapes(spec, max_tokens, block_size or max(spec.prefill.block_sizes)),
         # the down kernels' rows by pair (t * k + j), not by sorted slot: no padding rows, and a token's k
-        # rows side by side for the combine
+        # rows side by side for the combine. With prefill.sorted_x it is also x_sorted (x's rows in align's
+        # order, the gather_x kernel's), which the wgmma gate+up kernels read before their down overwrites
+        # it by a's row (stream.y_by_row); pair_row then says where each pair's row is. The tensor copies
+        # of a block's rows past the last read zeros, so x_sorted needs no padding rows either.
         "y_pairs": ((pairs, H), _ACT_CUPY[spec.activation_dtype]),
+        **({"pair_row": ((pairs,), "int32")} if stream_family.sorted_x(spec) else {}),
         "plan": ((2,), "int32"),
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
@@ -317,6 +318,9 @@ class MoeLayer:
             setattr(self, name, (cp.zeros if name in ZEROED_SCRATCH else cp.empty)(shape, dtype=dtype))
         if "x_mma" not in self._scratch:
             self.x_mma = None
+        if "pair_row" not in self._scratch:
+            self.pair_row = cp.zeros(1, dtype=cp.int32)  # the combine's argument, unread
+        self.x_sorted = self.y_pairs.view(_MMA_CUPY[spec.activation_dtype]) if stream_family.sorted_x(spec) else None
         self._act_maps = self._slot_rows_maps()
         self.profile: dict[str, list[float]] = {}
 
@@ -739,12 +743,12 @@ class MoeLayer:
             if self.x_mma is not None:
                 x_in = self.x_mma[:T]
                 cp.copyto(x_in, xc)
-            if any(kern.launch["token_map_rows"] for kern in gate_up):  # their tokens from x_sorted
+            if any(kern.launch.get("token_map_rows") for kern in gate_up):  # stream kernels with tokens from x_sorted
                 kx = self.k_gather_x
                 grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
                 self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
-                             num_pairs=P, x_sorted=self.x_sorted)
+                             num_pairs=P, x_sorted=self.x_sorted, pair_row=self.pair_row)
             for kern in gate_up:
                 grid, smem = self._persistent_grid(kern, P)
                 self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
@@ -765,7 +769,8 @@ class MoeLayer:
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
-                                             dependent=dependent, y=self.y_pairs,
+                                             dependent=dependent, y=self.y_pairs, pair_row=self.pair_row,
+                                             y_by_row=int(any(kern.launch.get("y_by_row") for kern in down)),
                                              weights=self.weights, out=out_c)),
         ])
 

@@ -273,6 +273,10 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
             assert handed_out <= stream.registers_at_launch(launch["threads"]) * launch["threads"], k.uri
             assert copiers % (32 * stream.WARPGROUP_WARPS) == 0, k.uri
         assert ("act_map" in {a.name for a in k.args}) == maps_tokens, k.uri
+        if matrices == 1:  # x_sorted is y's buffer: a down must not store y by pair under a gate+up reading it
+            (gate_up,) = [g for g in enumerate_kernels(spec)
+                          if g.family == "stream_gate_up_silu" and g.variant == k.variant]
+            assert launch["y_by_row"] == bool(gate_up.launch["token_map_rows"]), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"], wgmma)
         for arch, stages in launch["stages"].items():

@@ -133,15 +133,13 @@ class Case:
         out = (cp.asarray(w).reshape(T, k, 1) * y.reshape(T, k, -1)).sum(axis=1)
         return out, a, y, ids, w
 
-    def run(self, x, logits, path: str, variants=None):
+    def run(self, x, logits, path: str, variants=None, stop_after: str | None = None):
         out = cp.empty((x.shape[0], self.spec.hidden_size), dtype=x.dtype)
         poison(out)
-        sorted_x = getattr(self.layer, "x_sorted", None)
         for buf in (self.layer.a_decode, self.layer.a_sorted, self.layer.y_pairs, self.layer.y_grouped, self.layer.ids,
-                    self.layer.weights, self.layer.sorted_ids, self.layer.block_a_row,
-                    *(() if sorted_x is None else (sorted_x,))):
+                    self.layer.weights, self.layer.sorted_ids, self.layer.block_a_row, self.layer.pair_row):
             poison(buf) if buf.dtype != cp.int32 else buf.fill(-7)
-        self.layer.forward(x, logits, out=out, path=path, variants=variants)
+        self.layer.forward(x, logits, out=out, path=path, variants=variants, stop_after=stop_after)
         cp.cuda.get_current_stream().synchronize()
         return out
 
@@ -445,13 +443,18 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             if stored is not None:  # the wgmma variants keep a's columns in their down kernel's k-step order
                 a = a[:, cp.asarray(stored)]
             assert rel_err(from_act(a, spec.activation_dtype), ref_a) <= tol, where
-            x_stored = stream_family.x_columns(spec)
-            if x_stored is not None and variants["stream_gate_up_silu"].startswith("w"):  # gather_x ran: exact copies
-                rows = case.layer.x_sorted[a_rows_by_pair(case.layer, P)][:, cp.asarray(x_stored)]
-                assert bool((rows == x[cp.arange(P) // spec.top_k]).all()), f"{where}: x_sorted"
-            assert rel_err(from_act(case.layer.y_pairs[:P], spec.activation_dtype), ref_y) <= tol, where
+            y_rows = cp.arange(P)
+            if stream_family.y_by_row(spec, variants["stream_down"]):  # y in x_sorted's buffer, by a's row
+                y_rows = a_rows_by_pair(case.layer, P)
+                cp.testing.assert_array_equal(case.layer.pair_row[:P], y_rows, err_msg=f"{where}: pair_row")
+            assert rel_err(from_act(case.layer.y_pairs[y_rows], spec.activation_dtype), ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
             assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
+            x_stored = stream_family.x_columns(spec)
+            if x_stored is not None and variants["stream_gate_up_silu"].startswith("w"):  # gather_x: exact copies
+                case.run(x, logits, "stream", variants, stop_after="gate_up_silu")  # before down overwrites them
+                rows = case.layer.x_sorted[a_rows_by_pair(case.layer, P)][:, cp.asarray(x_stored)]
+                assert bool((rows == x[cp.arange(P) // spec.top_k]).all()), f"{where}: x_sorted"
 
 
 @pytest.mark.parametrize("T", (130, 1000))

@@ -43,6 +43,11 @@ ALIGNED_PLAN = (Arg("sorted_ids", "const int*"), Arg("block_expert", "const int*
 expert, and the row of a that holds its first slot (a has a row per real slot, no padding rows)."""
 
 
+PAIR_ROW = Arg("pair_row", "int*")
+"""Each pair's row of y where the down kernels store y by a's row (stream.py y_by_row): written by the
+gather_x kernel, read by the combine."""
+
+
 def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
     """The arguments of a gate+up kernel over align's blocks (prefill GEMM, stream): x in the
     tensor-core type, the plan, the weights, and a in sorted order (real slots only)."""

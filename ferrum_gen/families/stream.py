@@ -251,6 +251,13 @@ def sorted_x(spec: MoeSpec) -> bool:
     return spec.prefill.sorted_x and supported(spec) and bool(_wgmma_variants(spec))
 
 
+def y_by_row(spec: MoeSpec, variant: str) -> bool:
+    """Whether the variant's down stores y by a's row instead of by pair: where its gate+up reads x_sorted,
+    which shares y's buffer (runtime.py), so that each block's rows of it are overwritten only after the
+    block's gate+up tiles have read them. The gather_x kernel writes each pair's row for the combine."""
+    return sorted_x(spec) and variant.startswith("w")
+
+
 def a_columns(spec: MoeSpec, variant: str) -> list[int] | None:
     """For a stream variant whose gate+up stores a in its down's k-step order (the wgmma ones), the
     stored column of each of a's columns (intermediate_size of them); None where a is stored as is."""
@@ -306,12 +313,14 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "DOWN_GROUPED_Q": GROUPED_STRUCT[spec.quant.down], "A_IN_STEP_ORDER": "true" if wg else "false",
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
                     "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
-                    "SORTED_X": "true" if wg and sorted_tokens else "false", "STAGES_BY_ARCH": by_arch},
+                    "SORTED_X": "true" if wg and sorted_tokens else "false",
+                    "Y_BY_ROW": "true" if y_by_row(spec, variant) else "false", "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
                     "producer_warps": producer, "token_map_rows": bs if producer and (matrices == 1 or sorted_tokens) else 0,
+                    "y_by_row": matrices == 1 and y_by_row(spec, variant),
                     "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
