@@ -197,13 +197,13 @@ def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str,
     last block's padding slots read (the prefill GEMM copies whole blocks) and nothing writes."""
     rows = aligned_rows(spec, max_tokens, block_size)
     blocks = (rows // min(spec.prefill.block_sizes) + 1,)
-    slot_rows = max_tokens * spec.top_k + block_size - 1
     return {
         "sorted_ids": ((rows,), "int32"),
         "block_expert": (blocks, "int32"),
         "block_ready": (blocks, "int32"),
         "block_a_row": (blocks, "int32"),
-        "a_sorted": ((slot_rows, spec.intermediate_size), _MMA_CUPY[spec.activation_dtype]),
+        "a_sorted": ((max_tokens * spec.top_k + block_size - 1, spec.intermediate_size),
+                     _MMA_CUPY[spec.activation_dtype]),
     }
 
 

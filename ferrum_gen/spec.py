@@ -119,8 +119,9 @@ class PrefillConfig(BaseModel):
     sorted_x: StrictBool = Field(
         default=False,
         description="the wgmma stream gate+up kernels read their tokens by tensor copies from a copy of x in "
-                    "sorted order, made by a kernel of its own after align (scratch: max_tokens x top_k rows of "
-                    "hidden_size 16-bit values); needs Q4_K gate and up, 16-bit activations and sm_90",
+                    "sorted order, made by a kernel of its own after align into the down kernels' output buffer (which "
+                    "they then fill by a's row; scratch: 4 bytes a pair); needs Q4_K gate and up, 16-bit "
+                    "activations and sm_90",
     )
 
     @field_validator("padding_budget", "gate_up_tile_n", "down_tile_n", mode="before")
