@@ -321,7 +321,7 @@ class MoeLayer:
         if "pair_row" not in self._scratch:
             self.pair_row = cp.zeros(1, dtype=cp.int32)  # the combine's argument, unread
         self.x_sorted = self.y_pairs.view(_MMA_CUPY[spec.activation_dtype]) if stream_family.sorted_x(spec) else None
-        self._act_maps = self._slot_rows_maps()
+        self._act_maps = self._make_act_maps()
         self.profile: dict[str, list[float]] = {}
 
     @property
@@ -854,7 +854,7 @@ class MoeLayer:
             out["act_map"] = act_map
         return out
 
-    def _slot_rows_maps(self) -> dict[str, Any]:
+    def _make_act_maps(self) -> dict[str, Any]:
         """act_map for every stream kernel that takes one, by uri (families/stream.py ACT_MAP): the tensor
         map of its tokens in sorted order (down: a_sorted; gate+up with prefill.sorted_x: x_sorted) with
         boxes of the variant's token_map_rows where it copies its tokens by tensor copies (one map a
@@ -884,7 +884,7 @@ class MoeLayer:
         cp = _cupy()
         for name, (shape, dtype) in aligned_shapes(self.spec, self.max_tokens, block_size).items():
             setattr(self, name, cp.empty(shape, dtype=dtype))
-        self._act_maps = self._slot_rows_maps()
+        self._act_maps = self._make_act_maps()
 
     def _block_size(self, choice: tuning.Choice) -> int | None:
         """The block size align must use for an aligned path's call, or None for its padding rule:
