@@ -115,7 +115,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .tune import check_options, describe, last_run, tune_with_splits
-    from .tuning import BUCKETS, TuningError
+    from .tuning import BUCKETS, PATHS, TuningError
 
     spec = load_spec(args.spec)
     buckets = tuple(args.buckets) if args.buckets else None
@@ -127,7 +127,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     # TuningError: options it cannot run with (checked before the GPU is looked for), or tune's own, e.g.
     # --update with no table for this card, or one of another spec version
     try:
-        check_options(buckets or BUCKETS, args.budget_s, args.rotations, args.split_rounds)
+        paths = tuple(args.paths) if args.paths else PATHS
+        check_options(buckets or BUCKETS, args.budget_s, args.rotations, args.split_rounds, paths)
         try:
             import cupy
 
@@ -138,7 +139,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             return 2
         table, path, rounds = tune_with_splits(spec, args.split_rounds, Path(args.out), budget_s=args.budget_s,
                                                rotations=args.rotations, routings=routings, update=args.update,
-                                               midpoints=args.midpoints, **kwargs)
+                                               midpoints=args.midpoints, paths=paths, **kwargs)
     except TuningError as err:
         print(f"ferrum-gen: error: {err}", file=sys.stderr)
         return 2
@@ -294,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--midpoints", action="store_true",
                    help="also time each bucket's middle count, not only its edges (a variant's gain inside a "
                         "bucket can be even at both edges); half again the timings")
+    p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
+                   help="time only these paths' candidates (decode, grouped, fused, prefill, stream), e.g. "
+                        "--paths stream to re-tune large buckets without the prefill GEMMs, which take longest "
+                        "to time; each re-tuned bucket's pick is then the best of these (default: every path)")
     p.add_argument("--split-rounds", type=int, default=0,
                    help="then, this many times, split each bucket whose pick is more than 3%% slower than another "
                         "candidate at one of its runs (the table's split hints) and re-tune the halves, within "

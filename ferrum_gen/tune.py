@@ -69,16 +69,17 @@ class Candidate:
         return tuning.candidate_name(self.path, self.variants)
 
 
-def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None) -> list[Candidate]:
-    """Every (path, variant combination) that may serve the bucket on this card: each variant serves
-    every count of the bucket, so every count timed there, its edges among them (tuning.timed_counts; the
-    bucket alone by default).
+def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None,
+               paths: tuple[str, ...] = tuning.PATHS) -> list[Candidate]:
+    """Every (path, variant combination) of `paths` that may serve the bucket on this card: each variant
+    serves every count of the bucket, so every count timed there, its edges among them (tuning.timed_counts;
+    the bucket alone by default).
     A fused kernel serves exactly one count, so it is a candidate only in a bucket of one count."""
     spec = layer.spec
     counts = counts or (bucket,)
     out = []
     for path in tuning.PATHS:
-        if not tuning.path_available(path, layer.variants):
+        if path not in paths or not tuning.path_available(path, layer.variants):
             continue
         if path == "decode" and (bucket > DECODE_TUNE_MAX or not tuning.decode_possible(spec, bucket)):
             continue
@@ -154,7 +155,8 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
     updates = [*table.meta.get("updates", []), {"buckets": sorted(tuned), "date": new.meta.get("date"),
                                                  "elapsed_s": new.meta.get("elapsed_s"),
                                                  "complete": new.meta.get("complete"),
-                                                 "midpoints": new.meta.get("midpoints", False)}]
+                                                 "midpoints": new.meta.get("midpoints", False),
+                                                 **({"paths": new.meta["paths"]} if "paths" in new.meta else {})}]
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + new_entries, key=lambda e: e.bucket)
     per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
                   for key in ("default_rule_candidates", "rejected")}
@@ -216,9 +218,15 @@ def update_plan(table_buckets: Iterable[int], buckets: Iterable[int]) -> tuple[t
     return tuple(sorted(asked | narrowed)), tuple(sorted(every))
 
 
-def check_options(buckets: Iterable[int], budget_s: float, rotations: int, split_rounds: int = 0) -> None:
+def check_options(buckets: Iterable[int], budget_s: float, rotations: int, split_rounds: int = 0,
+                  paths: Iterable[str] = tuning.PATHS) -> None:
     """Refuse options a tune cannot run with (tuning.TuningError naming the option and the fix), before
     anything touches the GPU."""
+    paths = list(paths)
+    unknown = [p for p in paths if p not in tuning.PATHS]
+    if not paths or unknown or len(set(paths)) != len(paths):
+        raise tuning.TuningError(f"paths (--paths) {paths}: name each once, from {', '.join(tuning.PATHS)} "
+                                 "(default: all of them)")
     buckets = list(buckets)
     if not buckets or min(buckets) < 1:
         raise tuning.TuningError(f"buckets (--buckets) {buckets}: each is a token count of at least 1, "
@@ -237,12 +245,14 @@ def check_options(buckets: Iterable[int], budget_s: float, rotations: int, split
 def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 300.0, rotations: int = 8,
          buckets: tuple[int, ...] = tuning.BUCKETS, seed: int = 0, progress: bool = True,
          routings: tuple[str, ...] = ("uniform", "skewed"), update: bool = False,
-         midpoints: bool = False) -> tuple[tuning.TuningTable, Path]:
+         midpoints: bool = False, paths: tuple[str, ...] = tuning.PATHS) -> tuple[tuning.TuningTable, Path]:
     """Tune `buckets` and write the card's table. update: re-tune only these buckets of the table
     already there (update_plan: their edges follow from its buckets and these together, and a new
     bucket's next larger one is re-tuned too) and keep its others, also those the budget does not
-    reach. midpoints: time each bucket's middle count too (tuning.timed_counts)."""
-    check_options(buckets, budget_s, rotations)
+    reach. midpoints: time each bucket's middle count too (tuning.timed_counts). paths: time only these
+    paths' candidates (a re-tune that need not time paths that cannot win, e.g. the prefill GEMMs at
+    large T, in less device time); a bucket's pick is then the best of them."""
+    check_options(buckets, budget_s, rotations, paths=paths)
     import cupy as cp
     from tqdm import tqdm
 
@@ -272,7 +282,10 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     layer = build_layer(spec, max(buckets), seed=seed, tuning_table=None)
     stream = cp.cuda.Stream(non_blocking=True)
     timed = {b: tuning.timed_counts(b, edges_of, midpoints) for b in buckets}
-    plan = [(b, candidates(layer, b, timed[b])) for b in sorted(buckets)]
+    plan = [(b, candidates(layer, b, timed[b], paths)) for b in sorted(buckets)]
+    if empty := [b for b, cands in plan if not cands]:
+        raise tuning.TuningError(f"paths (--paths) {list(paths)}: no candidate serves bucket(s) {empty} on this "
+                                 "card; add a path that does, or leave --paths out")
     total = sum(len(routings) * len(timed[b]) * len(c) for b, c in plan)
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
@@ -341,6 +354,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             "replays": REPLAYS,
             "routings": list(routings),
             "midpoints": midpoints,
+            **({"paths": list(paths)} if tuple(paths) != tuning.PATHS else {}),
             "score": f"timings_us: sum over the routings and the bucket's {counted} of the median microseconds per "
                      "forward (CUDA-graph replay); winner: least worst run relative to that run's fastest "
                      f"candidate (ties within {WORST_CASE_SLACK:.0%}), then least sum",

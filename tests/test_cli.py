@@ -10,6 +10,7 @@ import pytest
 from ferrum_gen.cli import main
 from ferrum_gen.render import bundle_files
 from ferrum_gen.spec import QuantType, load_spec, spec_from_dict
+from ferrum_gen.tuning import PATHS
 from ferrum_gen.testing import write_moe_gguf
 
 import yaml
@@ -190,6 +191,7 @@ def test_build_without_nvrtc_is_one_line_and_writes_nothing(tmp_path, capsys, mo
     ("tune", ["--buckets", "0", "4"], "--buckets"), ("tune", ["--buckets", "8", "8"], "--buckets"),
     ("tune", ["--budget-s", "-5"], "--budget-s"), ("tune", ["--budget-s", "nan"], "--budget-s"),
     ("tune", ["--rotations", "0"], "--rotations"), ("tune", ["--split-rounds", "-1"], "--split-rounds"),
+    ("tune", ["--paths", "stream", "gemm"], "--paths"), ("tune", ["--paths", "stream", "stream"], "--paths"),
 ])
 def test_bench_and_tune_refuse_unusable_options_before_looking_for_a_gpu(monkeypatch, capsys, command, args,
                                                                         option) -> None:
@@ -216,9 +218,9 @@ def test_tune_passes_its_options_to_the_tuner(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(tune_module, "tune", stop)
     args = ["tune", "--spec", "qwen3moe", "--buckets", "512", "1024", "--routing", "skewed", "--update"]
-    assert main([*args, "--midpoints"]) == 2
+    assert main([*args, "--midpoints", "--paths", "stream", "prefill"]) == 2
     assert seen["midpoints"] is True and seen["routings"] == ("skewed",) and seen["update"] is True
-    assert seen["buckets"] == (512, 1024)
+    assert seen["buckets"] == (512, 1024) and seen["paths"] == ("stream", "prefill")
     assert "stopped before any GPU work" in capsys.readouterr().err
     assert main(args) == 2
-    assert seen["midpoints"] is False
+    assert seen["midpoints"] is False and seen["paths"] == PATHS

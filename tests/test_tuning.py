@@ -306,6 +306,7 @@ def test_the_stream_families_take_one_variant_together() -> None:
         def variant_refusal(family, variant, tokens):
             return None
 
+    assert {c.path for c in candidates(Layer, 512, paths=("stream",))} == {"stream"}
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == [f"stream:stream_gate_up_silu={v},stream_down={v}"
                                               for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b64", "w128", "w64", "w96")]
@@ -561,6 +562,22 @@ def test_tune_on_a_fake_card_picks_per_bucket_and_records_where_its_pick_loses(f
     hints = json.loads(path.read_text())["meta"]["split_hints"]
     assert list(hints) == ["1536"] and [h.split(":")[0] for h in hints["1536"]] == ["T = 1025 uniform", "T = 1025 skewed"]
     assert all("--buckets 1280" in h for h in hints["1536"])
+
+
+def test_tune_with_paths_times_only_their_candidates_and_records_them(fake_card, tmp_path) -> None:
+    """--paths: a bucket's candidates and pick come from the named paths only, the table and each update say
+    which paths were timed, and a bucket no named path serves is refused before any timing."""
+    from ferrum_gen import tune as tune_mod
+
+    full, _ = tune_mod.tune(fake_card, out_root=tmp_path, budget_s=60, buckets=(1024,), progress=False)
+    assert "paths" not in full.meta
+    table, _ = tune_mod.tune(fake_card, out_root=tmp_path, budget_s=60, buckets=(1024,), update=True,
+                             paths=("stream",), progress=False)
+    assert table.meta["updates"][-1]["paths"] == ["stream"]
+    assert all(name.startswith("stream:") for e in table.entries for name in e.timings_us)
+    with pytest.raises(tuning.TuningError, match=r"--paths.*bucket\(s\) \[1024\]"):
+        tune_mod.tune(fake_card, out_root=tmp_path, budget_s=60, buckets=(1024,), update=True, paths=("decode",),
+                      progress=False)
 
 
 def test_split_rounds_add_the_hinted_buckets_until_the_picks_stop_losing(fake_card, tmp_path) -> None:
