@@ -99,8 +99,8 @@ SWIZZLED_BOX_VALUES = 64
 
 
 def swizzled_rows_tensor_map(address: int, rows: int, row_values: int, box_rows: int) -> bytes:
-    """The tensor map of a 16-bit matrix of `rows` rows of row_values (the stream path's a) for the wgmma
-    down kernels' token copies: boxes of box_rows rows by SWIZZLED_BOX_VALUES columns, 128 bytes a row,
+    """The tensor map of a 16-bit matrix of `rows` rows of row_values (the stream path's a, or x_sorted) for the
+    wgmma kernels' token copies: boxes of box_rows rows by SWIZZLED_BOX_VALUES columns, 128 bytes a row,
     in the 128-byte swizzle that wgmma reads (stream.cuh's TOKEN_TMA). 16-byte box rows (the core-matrix
     layout, before) moved the same bytes at half the rate (docs/perf-notes.md)."""
     return _encode_tiled("CU_TENSOR_MAP_DATA_TYPE_UINT16", address, (row_values, rows), (2 * row_values,),
@@ -115,7 +115,7 @@ def _encode_tiled(data_type: str, address: int, dims: Sequence[int], strides: Se
     try:
         from cuda.bindings import driver as d
     except ImportError as err:
-        raise RuntimeError(f"the wgmma down kernels copy their tokens by tensor maps, which need cuda.bindings "
+        raise RuntimeError(f"the wgmma stream kernels copy their tokens by tensor maps, which need cuda.bindings "
                            f"({err}): pip install 'ferrum-gen[cuda13]' (or [cuda12])") from err
 
     u32, u64 = d.cuuint32_t, d.cuuint64_t

@@ -724,6 +724,9 @@ class MoeLayer:
             gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
             down = [kern for kern in down if kern.launch["block_size"] == override]
         dependent = self.uses_pdl(choice)
+        # the stream variants whose gate+up reads x_sorted, which is y's buffer, and whose down therefore stores
+        # y by a's row (stream.y_by_row): gather_x writes x_sorted and pair_row, and the combine reads y by it
+        y_by_row = any(kern.launch.get("y_by_row") for kern in down)
 
         def align() -> None:
             if plan_ready:
@@ -743,7 +746,7 @@ class MoeLayer:
             if self.x_mma is not None:
                 x_in = self.x_mma[:T]
                 cp.copyto(x_in, xc)
-            if any(kern.launch.get("token_map_rows") for kern in gate_up):  # stream kernels with tokens from x_sorted
+            if y_by_row:
                 kx = self.k_gather_x
                 grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
                 self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
@@ -770,7 +773,7 @@ class MoeLayer:
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
                                              dependent=dependent, y=self.y_pairs, pair_row=self.pair_row,
-                                             y_by_row=int(any(kern.launch.get("y_by_row") for kern in down)),
+                                             y_by_row=int(y_by_row),
                                              weights=self.weights, out=out_c)),
         ])
 
