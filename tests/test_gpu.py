@@ -450,6 +450,9 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             assert rel_err(from_act(case.layer.y_pairs[y_rows], spec.activation_dtype), ref_y) <= tol, where
             assert rel_err(from_act(out, spec.activation_dtype), ref_out) <= tol, where
             assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
+            blocks = int(case.layer.plan[0]) // int(case.layer.plan[1])  # every row of a counted, once
+            cp.testing.assert_array_equal(case.layer.block_ready[:blocks], spec.intermediate_size,
+                                          err_msg=f"{where}: block_ready")
             x_stored = stream_family.x_columns(spec)
             if x_stored is not None and variants["stream_gate_up_silu"].startswith("w"):  # gather_x: exact copies
                 case.run(x, logits, "stream", variants, stop_after="gate_up_silu")  # before down overwrites them
