@@ -7,9 +7,9 @@ side), and streams its tiles' quantized blocks and activations through a cp.asyn
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
 where that fits), and on sm_90 the wgmma forms w64, w96 and w128 (blocks of 64, 96 and 128, a warp
-per 16 rows of one matrix: twice the warps for gate+up, and twice the rows for the down of w64 and
-w96, wg_down_rows; plus copying warps, a warp for down and a warpgroup for gate+up): the runtime has
-align use the variant's size.
+per 16 rows: twice the warps for gate+up, each warp 8 rows of gate over the same 8 of up, and twice the
+rows for the down of w64 and w96, wg_down_rows; plus copying warps, a warp for down and a warpgroup for
+gate+up): the runtime has align use the variant's size.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         stage = stage_bytes(qt, matrices, bs, rows)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
-        # the wgmma form gives each warp one matrix: twice the warps for gate+up
+        # the wgmma form gives each warp 16 rows in all (gate+up: 8 of each matrix): twice the warps for gate+up
         producer = PRODUCER_WARPS[matrices] if wg else 0
         threads = (rows // 16 * (matrices if wg else 1) + producer) * THREADS_PER_WARP
         variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
