@@ -107,6 +107,7 @@ def test_read_by_path_gives_same_bytes(mixed_file):
 
 
 def test_libgguf_blocks_read_back_and_dequantize_like_gguf(tmp_path):
+    pytest.importorskip("libgguf")  # a dev dependency (pyproject's dev extra), as in test_quant
     path = tmp_path / "real.gguf"
     written = _write(path, quant_by_layer=[(Q4, Q6, Q6)], quantizer="libgguf")
     experts = read_layer_experts(path, 0, _spec(quant={"gate": "q4_k", "up": "q6_k", "down": "q6_k"}))
