@@ -227,6 +227,9 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         # of a block's rows past the last read zeros, so x_sorted needs no padding rows either.
         "y_pairs": ((pairs, H), _ACT_CUPY[spec.activation_dtype]),
         **({"pair_row": ((pairs,), "int32")} if stream_family.sorted_x(spec) else {}),
+        # each token's x summed over each 32-element sub-block (a high and a low bf16 part), the router's, for
+        # the mma.sync stream gate+up kernels that add Q4_K's min terms apart (stream.x_sums)
+        **({"x_sums": ((max_tokens, H // 32), "uint32")} if stream_family.x_sums(spec) else {}),
         "plan": ((2,), "int32"),
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
@@ -320,6 +323,8 @@ class MoeLayer:
             self.x_mma = None
         if "pair_row" not in self._scratch:
             self.pair_row = cp.zeros(1, dtype=cp.int32)  # the combine's argument, unread
+        if "x_sums" not in self._scratch:
+            self.x_sums = None
         self.x_sorted = self.y_pairs.view(_MMA_CUPY[spec.activation_dtype]) if stream_family.sorted_x(spec) else None
         self._act_maps = self._make_act_maps()
         self.profile: dict[str, list[float]] = {}
@@ -623,14 +628,17 @@ class MoeLayer:
                 host = self.settings.host_route
                 if choice.path in tuning.ALIGNED_PATHS:
                     self._fit_aligned_scratch(self._block_size(choice))
+                sums = self._router_sum_args(xc, T, choice)
                 if self.routes_in_gate_up(choice):
                     pass  # the gate+up kernel routes (its launch is the route phase's too)
                 elif host:
                     self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
+                    if sums.get("num_sum_tokens"):  # the router for the sums alone
+                        self._launch(self.k_router, self._router_grid(0, sums), stream, logits=logits, ids=self.ids,
+                                     weights=self.weights, num_tokens=0, **sums)
                 else:
-                    self._launch(self.k_router, (math.ceil(T / self.k_router.launch["tokens_per_cta"]),), stream,
-                                 dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
-                                 num_tokens=T)
+                    self._launch(self.k_router, self._router_grid(T, sums), stream, dependent=self.uses_pdl(choice),
+                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T, **sums)
                 self._phase("route", stream, events)
                 if stop_after != "route":
                     if choice.path in tuning.ALIGNED_PATHS:
@@ -847,15 +855,33 @@ class MoeLayer:
 
     def _stream_args(self, kern: Kernel, claims: int) -> dict[str, Any]:
         """block_ready and tile_claims (entry `claims` of the scratch: each kernel of a call counts its
-        own) for a kernel that takes them (the stream kernels), and act_map for the down ones; else
-        nothing."""
+        own) for a kernel that takes them (the stream kernels), act_map for the down ones, and x_sums for
+        the gate+up ones of a spec with stream.x_sums; else nothing."""
         if kern.uri not in self._stream_uris:
             return {}
         out = {"block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
         act_map = self._act_maps.get(kern.uri)
         if act_map is not None:
             out["act_map"] = act_map
+        if any(name == "x_sums" for name, _ in self._args[kern.uri]):
+            out["x_sums"] = self.x_sums
         return out
+
+    def _router_grid(self, T: int, sums: dict[str, Any]) -> tuple[int]:
+        """The router's CTAs: those that route T tokens, then those that sum x's sub-blocks (_router_sum_args)."""
+        per_cta = self.k_router.launch["tokens_per_cta"]
+        return (math.ceil(T / per_cta) + math.ceil(sums.get("num_sum_tokens", 0) / per_cta),)
+
+    def _router_sum_args(self, xc: Any, T: int, choice: tuning.Choice) -> dict[str, Any]:
+        """The router's arguments for x's sub-block sums where it makes them (stream.x_sums): the call's T
+        tokens where one of its gate+up kernels reads them (an mma.sync stream variant), else none (0)."""
+        if not self.k_router.launch.get("x_sums"):
+            return {}
+        reads = False
+        if choice.path in tuning.ALIGNED_PATHS:
+            family = tuning.PATH_FAMILIES[choice.path][0]
+            reads = any(kern.launch.get("x_sums") for kern in self.variants[family][choice.variants[family]])
+        return {"x": xc, "x_sums": self.x_sums, "num_sum_tokens": T if reads else 0}
 
     def _make_act_maps(self) -> dict[str, Any]:
         """act_map for every stream kernel that takes one, by uri (families/stream.py ACT_MAP): the tensor

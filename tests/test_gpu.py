@@ -213,6 +213,44 @@ def test_router_matches_reference(case: Case, T: int, rng) -> None:
     assert np.linalg.norm(got_w - w) / np.linalg.norm(w) <= 1e-5
 
 
+@pytest.mark.parametrize("T", (1, 33, 513))
+def test_router_sums_x_by_sub_block_where_the_stream_gate_up_reads_them(case: Case, T: int, rng) -> None:
+    """Where the spec's mma.sync stream gate+up kernels add Q4_K's min terms apart (stream.x_sums), the router
+    also stores each token's x summed over each 32-element sub-block, as a high and a low bf16 part: their sum
+    is the float64 sum to 2^-15 of the sub-block's absolute sum. It does so only for a call whose gate+up reads
+    them (a wgmma variant does not: the buffer keeps its poison), and with the plan made on the host too."""
+    from ferrum_gen.runtime import MoeLayer
+
+    spec = case.spec
+    if not stream_family.x_sums(spec):
+        pytest.skip(f"{spec.name}: no x sums (stream.x_sums)")
+    layer = case.layer
+    x, logits = case.inputs(T, rng)
+    x64 = from_act(x, spec.activation_dtype).reshape(T, -1, 32)
+    want, scale = x64.sum(axis=2), cp.abs(x64).sum(axis=2)
+    host = MoeLayer(case.bundle, case.raw["gate"], case.raw["up"], case.raw["down"], T,
+                    settings=Settings.from_env({"FERRUM_MOE_HOST_ROUTE": "1"}))
+    for variants in variant_sets(layer, "stream"):
+        reads = mins_apart(layer, variants)
+        for who in (layer, host):
+            who.x_sums.fill(0x7FC07FC0)  # bf16 NaNs
+            who.forward(x, logits, path="stream", variants=variants, stop_after="route")
+            cp.cuda.get_current_stream().synchronize()
+            parts = who.x_sums[:T].view(cp.uint16).reshape(T, -1, 4)  # per pair of sub-blocks: hi, hi, lo, lo
+            hi = from_act(parts[:, :, 0:2].reshape(T, -1), ActivationDtype.BF16)
+            lo = from_act(parts[:, :, 2:4].reshape(T, -1), ActivationDtype.BF16)
+            where = (variants, "host" if who is host else "device")
+            if not reads:
+                assert bool(cp.isnan(hi).all()), f"{where}: sums stored for a gate+up that does not read them"
+                continue
+            assert float(cp.max(cp.abs(hi + lo - want) - scale * 2.0**-15)) <= 0.0, where
+
+
+def mins_apart(layer, variants: dict[str, str]) -> bool:
+    """Whether the stream gate+up variant of `variants` takes Q4_K's mins apart (stream.mins_apart)."""
+    return any(kern.launch.get("x_sums") for kern in layer.variants["stream_gate_up_silu"][variants["stream_gate_up_silu"]])
+
+
 def a_rows_by_pair(layer, num_pairs: int):
     """The row of the layer's a_sorted that holds each pair's a after an aligned path (align's plan:
     a slot's row is its block's block_a_row plus its place in the block)."""
@@ -483,14 +521,15 @@ def test_stream_kernels_give_the_full_grids_bits_on_a_smaller_grid(case: Case, T
 @pytest.mark.parametrize("T", (33, 513))
 def test_stream_path_is_deterministic_and_every_block_size_gives_the_same_bits(case: Case, T: int, rng) -> None:
     """Each output of a stream kernel is one warp's sum over k in a fixed order, whatever else its
-    tile holds: within a form (b<size>: mma.sync, w<size>: wgmma, whose k order differs) every
-    block size gives the same bits, run after run; and each form agrees with prefill."""
+    tile holds: within a form (b<size>: mma.sync, with Q4_K's mins apart or in each weight; w<size>:
+    wgmma, whose k order differs) every block size gives the same bits, run after run; and each form
+    agrees with prefill."""
     path_or_skip(case, "stream")
     dtype = case.spec.activation_dtype
     x, logits = case.inputs(T, rng)
-    by_form: dict[str, list] = {}
+    by_form: dict[tuple[str, bool], list] = {}
     for variants in variant_sets(case.layer, "stream"):
-        outs = by_form.setdefault(variants["stream_down"][0], [])
+        outs = by_form.setdefault((variants["stream_down"][0], mins_apart(case.layer, variants)), [])
         outs.append(case.run(x, logits, "stream", variants).copy())
         outs.append(case.run(x, logits, "stream", variants).copy())
     pre = from_act(case.run(x, logits, "prefill"), dtype)

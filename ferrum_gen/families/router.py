@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from ..spec import MoeSpec
+from . import stream
 from .base import Arg, KernelSpec
 
 TOKENS_PER_CTA = 4
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
+    """The router; where the spec's stream gate+up kernels take Q4_K's min terms apart (stream.x_sums), the
+    one whose CTAs past the routing's also sum x's sub-blocks for them (of the first num_sum_tokens tokens: 0
+    where the call's gate+up does not read them)."""
     norm = "renorm" if spec.norm_topk_prob else "nonorm"
-    uri = f"router_topk_softmax_e{spec.num_experts}_k{spec.top_k}_{norm}"
+    sums = stream.x_sums(spec)
+    uri = (f"router_topk_softmax_xsums_h{spec.hidden_size}_e{spec.num_experts}_k{spec.top_k}_{norm}_bf16" if sums
+           else f"router_topk_softmax_e{spec.num_experts}_k{spec.top_k}_{norm}")
+    sum_args = (Arg("x", "const __nv_bfloat16*"), Arg("x_sums", "u32*"), Arg("num_sum_tokens", "int")) if sums else ()
     return [
         KernelSpec(
             uri=uri,
@@ -21,14 +28,18 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "K_TOP": spec.top_k,
                 "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                 "WARPS": TOKENS_PER_CTA,
+                "SUM_H": spec.hidden_size if sums else 0,
+                "SUM_ARGS": "x, x_sums, num_sum_tokens" if sums else "nullptr, nullptr, 0",
             },
             args=(
                 Arg("logits", "const float*"),
                 Arg("ids", "int*"),
                 Arg("weights", "float*"),
                 Arg("num_tokens", "int"),
+                *sum_args,
             ),
-            launch={"threads": TOKENS_PER_CTA * 32, "grid": "ceil(num_tokens / tokens_per_cta)",
-                    "tokens_per_cta": TOKENS_PER_CTA, "smem_bytes": 0},
+            launch={"threads": TOKENS_PER_CTA * 32,
+                    "grid": "ceil(num_tokens / tokens_per_cta) + ceil(num_sum_tokens / tokens_per_cta)",
+                    "tokens_per_cta": TOKENS_PER_CTA, "smem_bytes": 0, "x_sums": sums},
         )
     ]

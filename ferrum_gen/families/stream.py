@@ -15,7 +15,7 @@ gate+up): the runtime has align use the variant's size.
 from __future__ import annotations
 
 from ..quant import QK_K, QuantType
-from ..spec import Arch, MoeSpec
+from ..spec import ActivationDtype, Arch, MoeSpec
 from .base import (
     ACT_CTYPE, ARCH_NUMBER, MMA_CTYPE, SMEM_LIMIT, THREADS_PER_WARP, Arg, KernelSpec, aligned_down_args,
     aligned_gate_up_args, gpu_block_bytes, quant_tag,
@@ -251,6 +251,34 @@ def sorted_x(spec: MoeSpec) -> bool:
     return spec.prefill.sorted_x and supported(spec) and bool(_wgmma_variants(spec))
 
 
+def mins_apart(spec: MoeSpec, block_size: int, ctas: int) -> bool:
+    """Whether the mma.sync gate+up variant of this block size and CTA count takes Q4_K's min terms apart: each
+    weight's A register is q * scale alone, one fused multiply-add from its code (a subtraction less for every
+    two weights), and each sub-block's min times the token's sum over the sub-block is added by one mma a block
+    and token group, from the router's sums (router.cuh's sub_block_sums, through X_SUMS). bf16 only: the
+    multiply-add's constant, -MAGIC * scale, can overflow f16. Not MINS_APART_EXCLUDED."""
+    return (supported(spec) and spec.activation_dtype is ActivationDtype.BF16 and spec.quant.gate is QuantType.Q4_K
+            and (block_size, ctas) not in MINS_APART_EXCLUDED)
+
+
+MINS_APART_EXCLUDED = ((32, 2),)
+"""(block size, CTAs an SM) of the mma.sync variants that keep Q4_K's mins in each weight: b32x2, whose 128
+registers a thread held the mins apart only with 52-64 bytes spilled, and whose gate+up then lost 3-8 % at
+T = 256-384 on an H200 (docs/perf-notes.md). Within a form (mma.sync with the mins apart, mma.sync with them in
+each weight, wgmma) every block size gives the same bits."""
+
+
+def x_sums(spec: MoeSpec) -> bool:
+    """Whether some gate+up variant of the spec takes the mins apart (mins_apart), so that the router sums x's
+    sub-blocks (for the calls that run one) and the layer holds those sums."""
+    return supported(spec) and any(mins_apart(spec, bs, ctas) for bs, ctas in _variants(spec))
+
+
+X_SUMS = Arg("x_sums", "const u32*")
+"""Each token's x summed over each 32-element sub-block, as the router stores them (x_sums); read by the
+mma.sync gate+up kernels of a spec with x_sums, ignored by its wgmma ones."""
+
+
 def y_by_row(spec: MoeSpec, variant: str) -> bool:
     """Whether the variant's down stores y by a's row instead of by pair: where its gate+up reads x_sorted,
     which shares y's buffer (runtime.py), so that each block's rows of it are overwritten only after the
@@ -314,12 +342,14 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
                     "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
                     "SORTED_X": "true" if wg and sorted_tokens else "false",
+                    "MINS_APART": "true" if matrices == 2 and not wg and mins_apart(spec, bs, ctas) else "false",
                     "Y_BY_ROW": "true" if y_by_row(spec, variant) else "false", "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
                     "producer_warps": producer, "token_map_rows": bs if producer and (matrices == 1 or sorted_tokens) else 0,
+                    "x_sums": matrices == 2 and not wg and mins_apart(spec, bs, ctas),
                     "y_by_row": matrices == 1 and y_by_row(spec, variant),
                     "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
@@ -343,9 +373,11 @@ calls: the call's last claim zeroes it; templates/stream.cuh.j2). Ignored by the
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
     q, dtype = spec.quant, spec.activation_dtype
     return _kernels(spec, "stream_gate_up_silu", quant_tag(q.gate, q.up), q.gate, spec.intermediate_size, 2,
-                    (*aligned_gate_up_args(dtype), *((ACT_MAP,) if sorted_x(spec) else ()), BLOCK_READY, TILE_CLAIMS),
+                    (*aligned_gate_up_args(dtype), *((ACT_MAP,) if sorted_x(spec) else ()),
+                     *((X_SUMS,) if x_sums(spec) else ()), BLOCK_READY, TILE_CLAIMS),
                     {"H": spec.hidden_size, "I": spec.intermediate_size, "K_TOP": spec.top_k,
-                     "ACT_MAP": "act_map" if sorted_x(spec) else "/*act_map*/ nullptr"})
+                     "ACT_MAP": "act_map" if sorted_x(spec) else "/*act_map*/ nullptr",
+                     "X_SUMS": "x_sums" if x_sums(spec) else "/*x_sums*/ nullptr"})
 
 
 def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
