@@ -326,6 +326,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         producer = PRODUCER_WARPS[matrices] if wg else 0
         threads = (rows // 16 * (matrices if wg else 1) + producer) * THREADS_PER_WARP
         variant = f"w{bs}" if wg else f"b{bs}" + (f"x{ctas}" if ctas > 1 else "")
+        apart = matrices == 2 and not wg and mins_apart(spec, bs, ctas)
         out.append(KernelSpec(
             uri=f"{family}_{quant_name}_{variant}_{spec.shape_tag}_{dtype.value}",
             family=family,
@@ -342,14 +343,14 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "A_CHUNKS": chunk_order(spec.quant.down) if wg else tuple(range(CHUNKS_PER_BLOCK)),
                     "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
                     "SORTED_X": "true" if wg and sorted_tokens else "false",
-                    "MINS_APART": "true" if matrices == 2 and not wg and mins_apart(spec, bs, ctas) else "false",
+                    "MINS_APART": "true" if apart else "false",
                     "Y_BY_ROW": "true" if y_by_row(spec, variant) else "false", "STAGES_BY_ARCH": by_arch},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
                     "n_tiles": out_dim // rows, "ctas_per_sm": ctas,
                     "producer_warps": producer, "token_map_rows": bs if producer and (matrices == 1 or sorted_tokens) else 0,
-                    "x_sums": matrices == 2 and not wg and mins_apart(spec, bs, ctas),
+                    "x_sums": apart,
                     "y_by_row": matrices == 1 and y_by_row(spec, variant),
                     "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
