@@ -80,6 +80,12 @@ PHASES = {
 PDL_PATHS = ("grouped", "stream", "fused")
 """The paths whose kernels, the first of a call included, wait for the kernel before them
 (fg::grid_wait), so that they may be launched as programmatic dependents (MoeLayer.uses_pdl)."""
+COMBINE_PLAIN_FROM = 128
+"""From this many tokens the stream path launches the combine plainly, once the down kernel has
+ended, rather than as its programmatic dependent (the next call's first kernel still is the combine's): on
+an H200 that made qwen3moe and olmoe 1-2 % faster at T = 128-512 under both routings, and it made no difference
+measurable at T <= 64 (docs/perf-notes.md, forty-ninth session). Why the early launch cost time there was not
+established."""
 
 REPO_GENERATED = Path(__file__).resolve().parent.parent / "generated"
 """The repository's generated/ directory (a source checkout or editable install): its tuning tables."""
@@ -780,7 +786,7 @@ class MoeLayer:
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
-                                             dependent=dependent, y=self.y_pairs, pair_row=self.pair_row,
+                                             dependent=dependent and T < COMBINE_PLAIN_FROM, y=self.y_pairs, pair_row=self.pair_row,
                                              y_by_row=int(y_by_row),
                                              weights=self.weights, out=out_c)),
         ])

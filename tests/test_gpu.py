@@ -618,8 +618,9 @@ def assert_graph_replays_match(case: Case, plain, T: int, path: str, rng) -> Non
 
 
 def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launches(case: Case, rng) -> None:
-    """On sm_90+ with cuda-bindings the stream path launches align, gate+up, down and combine as
-    programmatic dependents (down's first weights are copied while gate+up ends): the output is bit
+    """On sm_90+ with cuda-bindings the stream path launches align, gate+up, down and (below
+    runtime.COMBINE_PLAIN_FROM tokens) combine as programmatic dependents (down's first weights are
+    copied while gate+up ends): the output is bit
     for bit that of plain launches (FERRUM_MOE_PDL=0) for every variant, one align CTA or several,
     in eager calls and in replayed CUDA graphs. (a and y in sorted order are not compared: align's
     order within an expert follows atomics.)"""
@@ -641,6 +642,33 @@ def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launche
             cp.testing.assert_array_equal(got, want, err_msg=str((T, variants)))
     for T in (9, several_ctas):
         assert_graph_replays_match(case, plain, T, "stream", rng)
+
+
+def test_the_stream_path_launches_the_combine_plainly_from_its_edge(case: Case, monkeypatch) -> None:
+    """With PDL in use the stream path launches every kernel after the router as a programmatic dependent,
+    except the combine from runtime.COMBINE_PLAIN_FROM tokens on, which waits for down's end as a plain launch."""
+    from ferrum_gen.runtime import COMBINE_PLAIN_FROM
+
+    path_or_skip(case, "stream")
+    layer = case.layer
+    if not layer.uses_pdl(layer.choose(COMBINE_PLAIN_FROM, "stream")):
+        pytest.skip(f"no programmatic dependent launch here: {layer.pdl_status}")
+    launched: list[tuple[str, bool]] = []
+    real_launch = layer._launch
+
+    def recording_launch(kern, grid, stream, smem=0, dependent=False, **args):
+        launched.append((kern.uri, dependent))
+        return real_launch(kern, grid, stream, smem, dependent, **args)
+
+    monkeypatch.setattr(layer, "_launch", recording_launch)
+    for T in (COMBINE_PLAIN_FROM - 1, COMBINE_PLAIN_FROM):
+        launched.clear()
+        x, logits = case.inputs(T, np.random.default_rng(T))
+        case.run(x, logits, "stream")
+        combine = [dep for uri, dep in launched if uri == layer.k_combine.uri]
+        others = [(uri, dep) for uri, dep in launched if uri != layer.k_combine.uri]
+        assert combine == [T < COMBINE_PLAIN_FROM], (T, launched)
+        assert all(dep for _, dep in others), (T, launched)
 
 
 LATE_COPY = r"""
