@@ -786,8 +786,8 @@ class MoeLayer:
             ("gate_up_silu", gemm_gate_up),
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
-                                             dependent=dependent and T < COMBINE_PLAIN_FROM, y=self.y_pairs, pair_row=self.pair_row,
-                                             y_by_row=int(y_by_row),
+                                             dependent=dependent and T < COMBINE_PLAIN_FROM, y=self.y_pairs,
+                                             pair_row=self.pair_row, y_by_row=int(y_by_row),
                                              weights=self.weights, out=out_c)),
         ])
 
