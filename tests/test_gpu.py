@@ -620,10 +620,9 @@ def assert_graph_replays_match(case: Case, plain, T: int, path: str, rng) -> Non
 def test_the_stream_path_with_dependent_launches_gives_the_bits_of_plain_launches(case: Case, rng) -> None:
     """On sm_90+ with cuda-bindings the stream path launches align, gate+up, down and (below
     runtime.COMBINE_PLAIN_FROM tokens) combine as programmatic dependents (down's first weights are
-    copied while gate+up ends): the output is bit
-    for bit that of plain launches (FERRUM_MOE_PDL=0) for every variant, one align CTA or several,
-    in eager calls and in replayed CUDA graphs. (a and y in sorted order are not compared: align's
-    order within an expert follows atomics.)"""
+    copied while gate+up ends): the output is bit for bit that of plain launches (FERRUM_MOE_PDL=0)
+    for every variant, one align CTA or several, in eager calls and in replayed CUDA graphs. (a and y
+    in sorted order are not compared: align's order within an expert follows atomics.)"""
     from ferrum_gen.families.align import PAIRS_PER_CTA
 
     path_or_skip(case, "stream")
