@@ -2,7 +2,8 @@
 
 How a number is taken. For each token count T, path and routing, R forward calls (R = 8 by
 default), each on its own random input set (so each reads its own experts and the weights
-are not served from L2), are captured into one CUDA graph. The graph is replayed a few times
+are not served from L2; under skewed routing each set also ranks the experts' popularity its
+own way, SKEW_PER_SET), are captured into one CUDA graph. The graph is replayed a few times
 to warm up, then timed replay by replay with CUDA events; each replay gives a per-forward
 time (replay time / R), and the median, p10, p90 and min are taken over the replays.
 
@@ -57,6 +58,12 @@ DECODE_MAX_PAIRS = 65535
 """The runtime refuses the decode path when T*k exceeds the CUDA grid's y limit."""
 ZIPF_EXPONENT = 1.1
 """Skewed routing: expert popularity ~ 1/rank^s, close to what trained routers show."""
+SKEW_PER_SET = "per set"
+"""BenchResult.skew: under skewed routing each input set ranks the experts' popularity its own way, as a
+model's every layer has its own experts and no layer finds its popular experts' weights in L2 from the call
+before. Results written before it was recorded (skew "") gave every set one ranking, so the popular experts'
+weights stayed in L2 from one forward of the graph to the next (qwen3moe T = 2 skewed: 20.4 against 21.7 us):
+compare() sets their skewed cases apart."""
 ACCURACY_TOKENS = 32
 """The layer is per-token independent, so checking the first tokens of a set checks the configuration."""
 LAYER_TOLERANCE = {ActivationDtype.F32: 2e-3, ActivationDtype.F16: 2e-3, ActivationDtype.BF16: 1e-2}
@@ -234,6 +241,9 @@ class BenchResult(BaseModel):
     (MoeLayer.pdl_off_reason); empty in results written before it was recorded."""
     rotations: int
     seed: int
+    skew: str = ""
+    """SKEW_PER_SET when each input set had its own popularity ranking under skewed routing; "" in results
+    written before, whose sets shared one."""
     routing_stats: list[RoutingStats]
     cases: list[Case]
     torch: TorchBaseline
@@ -343,19 +353,21 @@ def paths_at(tokens: int, spec: MoeSpec, paths: Sequence[str], decode_up_to: int
     return out
 
 
-def popularity_bias(num_experts: int, seed: int, exponent: float = ZIPF_EXPONENT) -> np.ndarray:
+def popularity_bias(num_experts: int, seed: int | Sequence[int], exponent: float = ZIPF_EXPONENT) -> np.ndarray:
     """Per-expert logit bias log(1/rank^s), ranks given to the experts by a permutation fixed by seed."""
     ranks = np.random.default_rng(seed).permutation(num_experts) + 1
     return (-exponent * np.log(ranks)).astype(np.float32)
 
 
-def make_logits(spec: MoeSpec, tokens: int, rng: np.random.Generator, routing: str, skew_seed: int = 0) -> np.ndarray:
-    """Router logits [T, E] float32: standard normal (uniform routing), plus the popularity bias (skewed)."""
+def make_logits(spec: MoeSpec, tokens: int, rng: np.random.Generator, routing: str, skew_seed: int = 0,
+                input_set: int = 0) -> np.ndarray:
+    """Router logits [T, E] float32: standard normal (uniform routing), plus the popularity bias (skewed) of
+    ranking (skew_seed, input_set): each input set of a case has its own (SKEW_PER_SET)."""
     if routing not in ROUTINGS:
         raise BenchError(f"routing {routing!r}: use one of {', '.join(ROUTINGS)}")
     logits = rng.standard_normal((tokens, spec.num_experts), dtype=np.float32)
     if routing == "skewed":
-        logits += popularity_bias(spec.num_experts, skew_seed)
+        logits += popularity_bias(spec.num_experts, [skew_seed, input_set])
     return logits
 
 
@@ -419,6 +431,8 @@ class Comparison:
     changes: list[CaseChange]
     only_old: list[tuple[int, str, str]] = field(default_factory=list)
     only_new: list[tuple[int, str, str]] = field(default_factory=list)
+    other_skew: list[tuple[int, str, str]] = field(default_factory=list)
+    """Skewed cases of two results whose input sets drew their popularity rankings differently (BenchResult.skew)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -436,7 +450,8 @@ class Comparison:
             status = "SLOWER" if c.ratio > 1.0 + self.threshold else ("faster" if c.ratio < 1.0 - self.threshold else "same")
             rows.append(f"{T:>5} {path:<8} {routing:<8} {c.old_us:>10.1f} {c.new_us:>10.1f} "
                         f"{(c.ratio - 1.0) * 100:>+7.1f}%  {status}")
-        for label, keys in (("only in the old result", self.only_old), ("only in the new result", self.only_new)):
+        for label, keys in (("only in the old result", self.only_old), ("only in the new result", self.only_new),
+                            ("skewed inputs drawn another way", self.other_skew)):
             if keys:
                 rows.append(f"{label} (not compared): " + ", ".join(f"T={t} {p} {r}" for t, p, r in sorted(keys)))
         rows.extend(f"note: {n}" for n in self.notes)
@@ -460,14 +475,19 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
     another seed): there the medians alone do not compare like with like."""
     check_threshold(threshold)
     old_cases, new_cases = old.case_map(), new.case_map()
-    changes = [CaseChange(k, old_cases[k].median_us, new_cases[k].median_us) for k in old_cases if k in new_cases]
+    other_skew = sorted(k for k in old_cases if k in new_cases and k[2] == "skewed" and old.skew != new.skew)
+    changes = [CaseChange(k, old_cases[k].median_us, new_cases[k].median_us) for k in old_cases
+               if k in new_cases and k not in other_skew]
     notes = []
+    if other_skew:
+        notes.append(f"skewed inputs: {old.skew or 'one popularity ranking for all sets'} (old) vs "
+                     f"{new.skew or 'one popularity ranking for all sets'} (new); skewed cases not compared")
     if old.environment.device != new.environment.device:
         notes.append(f"different cards: {old.environment.device} (old) vs {new.environment.device} (new)")
     if old.spec_hash != new.spec_hash:
         notes.append(f"different specs: {old.spec_name} {old.spec_hash[:12]} (old) vs "
                      f"{new.spec_name} {new.spec_hash[:12]} (new)")
-    for k in sorted(k for k in old_cases if k in new_cases):
+    for k in sorted(k for k in old_cases if k in new_cases and k not in other_skew):
         o, n = old_cases[k], new_cases[k]
         if abs(n.distinct_expert_bytes / o.distinct_expert_bytes - 1.0) > SAME_INPUTS_TOLERANCE:
             T, path, routing = k
@@ -475,7 +495,7 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
                          f"{n.memory_floor_us:.1f} us), so compare x floor too: {o.x_floor:.2f} -> {n.x_floor:.2f}")
     return Comparison(threshold=threshold, changes=changes,
                       only_old=sorted(k for k in old_cases if k not in new_cases),
-                      only_new=sorted(k for k in new_cases if k not in old_cases), notes=notes)
+                      only_new=sorted(k for k in new_cases if k not in old_cases), other_skew=other_skew, notes=notes)
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -837,13 +857,14 @@ def case_rng(seed: int, tokens: int, routing: str) -> np.random.Generator:
 
 def make_input_sets(spec: MoeSpec, tokens: int, rng: np.random.Generator, routing: str, count: int,
                     skew_seed: int = 0) -> list[tuple[Any, Any]]:
-    """`count` independent (x, logits) pairs on the GPU: x [T,H] in the activation dtype, logits [T,E] float32."""
+    """`count` independent (x, logits) pairs on the GPU: x [T,H] in the activation dtype, logits [T,E] float32
+    (skewed: each with its own popularity ranking, SKEW_PER_SET)."""
     import cupy as cp
 
     sets = []
-    for _ in range(count):
+    for i in range(count):
         x32 = cp.asarray(rng.standard_normal((tokens, spec.hidden_size), dtype=np.float32))
-        logits = cp.asarray(make_logits(spec, tokens, rng, routing, skew_seed))
+        logits = cp.asarray(make_logits(spec, tokens, rng, routing, skew_seed, input_set=i))
         sets.append((to_activation(x32, spec.activation_dtype), logits))
     return sets
 
@@ -1156,7 +1177,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
         spec_name=spec.name, spec_hash=spec.spec_hash(), environment=env, card=card, choice=choice_source,
         dependent_launch=layer.pdl_status,
         rotations=options.rotations,
-        seed=options.seed, routing_stats=stats, cases=cases,
+        seed=options.seed, skew=SKEW_PER_SET, routing_stats=stats, cases=cases,
         torch=TorchBaseline(available=torch_model is not None, note=torch_note,
                             implementation=None if torch_model is None else torch_model.implementation,
                             rows=torch_rows))

@@ -38,7 +38,7 @@ def make_case(tokens: int, path: str, routing: str, median_us: float, spec_name:
 
 
 def make_result(medians: dict[tuple[int, str, str], float], device: str = "NVIDIA H200",
-                spec_name: str = "qwen3moe") -> bench.BenchResult:
+                spec_name: str = "qwen3moe", skew: str = bench.SKEW_PER_SET) -> bench.BenchResult:
     spec = load_spec(spec_name)
     env = bench.Environment(date="2026-01-02T03:04:05+00:00", command="ferrum-gen bench", device=device,
                             driver="580.00", cuda_runtime="13.0", cupy="13.6.0", torch="2.9.0", git_commit="abc",
@@ -48,7 +48,7 @@ def make_result(medians: dict[tuple[int, str, str], float], device: str = "NVIDI
     torch_rows = [bench.TorchRow(tokens=T, routing="uniform", median_us=100.0 * T ** 0.5, rel_err=4e-3, ok=True)
                   for T in tokens]
     return bench.BenchResult(
-        spec_name=spec.name, spec_hash=spec.spec_hash(), environment=env, card=CARD, rotations=8, seed=0,
+        spec_name=spec.name, spec_hash=spec.spec_hash(), environment=env, card=CARD, rotations=8, seed=0, skew=skew,
         routing_stats=[bench.RoutingStats(tokens=T, routing="uniform", distinct_experts=8.0, max_tokens_per_expert=2,
                                           real_rows=T * spec.top_k, padded_rows=16.0 * T, block_sizes=[16])
                        for T in tokens],
@@ -115,6 +115,32 @@ def test_missing_cases_are_reported_not_failures() -> None:
     table = cmp.table()
     assert "only in the old result" in table and "T=4096 prefill uniform" in table
     assert "only in the new result" in table and "T=2 decode uniform" in table
+
+
+def test_skewed_cases_are_not_compared_with_results_whose_sets_shared_one_popularity_ranking() -> None:
+    """Older results gave every input set one ranking, so their popular experts stayed in L2 between forwards:
+    their skewed medians are set apart (listed, not judged); the uniform ones still compare."""
+    new = dict(BASE)
+    new[(8, "prefill", "skewed")] *= 1.10
+    new[(1, "auto", "uniform")] *= 1.10
+    cmp = bench.compare(make_result(BASE, skew=""), make_result(new))
+    assert cmp.other_skew == [(8, "prefill", "skewed")]
+    assert [c.key for c in cmp.slower] == [(1, "auto", "uniform")]
+    assert all(c.key[2] == "uniform" for c in cmp.changes)
+    assert "skewed inputs drawn another way (not compared): T=8 prefill skewed" in cmp.table()
+    assert any("skewed cases not compared" in n for n in cmp.notes)
+    assert not bench.compare(make_result(BASE), make_result(BASE)).other_skew
+
+
+def test_each_input_set_of_a_skewed_case_has_its_own_popularity_ranking() -> None:
+    """A model's every layer has its own experts, so the sets of one case must not share their popular
+    experts: with one ranking for all, those experts' weights were read from L2 by every forward after the first."""
+    spec = load_spec("qwen3moe")
+    hottest = {int(np.argmax(bench.popularity_bias(spec.num_experts, [0, i]))) for i in range(bench.DEFAULT_ROTATIONS)}
+    assert len(hottest) > bench.DEFAULT_ROTATIONS // 2
+    for routing in bench.ROUTINGS:
+        first, second = (bench.make_logits(spec, 4, np.random.default_rng(5), routing, 0, input_set=i) for i in (0, 1))
+        assert np.array_equal(first, second) == (routing == "uniform")
 
 
 def test_comparing_across_cards_says_so() -> None:
