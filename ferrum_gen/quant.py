@@ -114,6 +114,17 @@ def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def q4_k_fields(blocks, xp=np):
+    """Q4_K blocks (N, 144) -> d, dmin (N, 1) float32, the 8 scales and mins (N, 8) uint16, the codes (N, 8, 32)
+    uint8: weight i of sub-block j is d * scale[j] * code[j, i] - dmin * min[j]."""
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(xp.float16).astype(xp.float32)
+    dmin = blocks[:, 2:4].copy().view(xp.float16).astype(xp.float32)
+    sc, mn = q4_k_scales_mins(blocks[:, 4:16])
+    qs = blocks[:, 16:144].reshape(n, 4, 32)
+    return d, dmin, sc, mn, xp.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)
+
+
 def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = None, xp=np) -> np.ndarray:
     """GGUF bytes to float32 weights, in the weights' natural order (input dim contiguous).
 
@@ -122,11 +133,8 @@ def dequantize(qt: QuantType, data: np.ndarray, shape: tuple[int, ...] | None = 
     blocks = _as_blocks(qt, data, xp)
     n = blocks.shape[0]
     if qt is QuantType.Q4_K:
-        d = blocks[:, 0:2].copy().view(xp.float16).astype(xp.float32)
-        dmin = blocks[:, 2:4].copy().view(xp.float16).astype(xp.float32)
-        sc, mn = q4_k_scales_mins(blocks[:, 4:16])
-        qs = blocks[:, 16:144].reshape(n, 4, 32)
-        q = xp.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(xp.float32)
+        d, dmin, sc, mn, codes = q4_k_fields(blocks, xp)
+        q = codes.astype(xp.float32)
         w = d[:, :, None] * sc.astype(xp.float32)[:, :, None] * q - (dmin * mn.astype(xp.float32))[:, :, None]
         out = w.reshape(n, QK_K)
     elif qt is QuantType.Q6_K:
