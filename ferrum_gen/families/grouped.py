@@ -59,6 +59,20 @@ INT_DOT_MIN_CTAS = 3
 """o1i gate+up's __launch_bounds__ asks for 3 CTAs an SM (at most 85 registers), the occupancy the
 mma variants get from ptxas unasked (80); left to itself ptxas takes 93, two CTAs an SM."""
 
+def scales_after(spec: MoeSpec, gate_up: bool) -> bool:
+    """Whether the family's mma variants apply the weights' scales after the mma (grouped.cuh, mma_block: each Q4_K
+    code times its 6-bit sub-block scale, exact in f16, and each block's float32 sums times d and dmin) rather than
+    in each weight. Rounding a sub-block's scale to f16 errs alike over its 32 weights, which an unlucky token lines
+    up: on olmoe the t8 variants' layer output came 1.8e-3 (500 draws) to 2.07e-3 (a failed GPU test) from the
+    float64 layer, against the design's 2e-3, most of it from gate+up's weights (docs/perf-notes.md, fifty-fifth
+    session). f16 Q4_K gate+up where a warp takes one block of a row, so that a block's sums are the accumulators
+    themselves: with two blocks a warp (mixtral, whose error stays under 8e-4) gate+up lost 2-5 % at T = 4, and the
+    downs, held to their registers, lost 1.5 % on olmoe at T = 3-4 for little (their weights made a tenth of the
+    error). In bf16 a code times a 6-bit scale is not exact (8 significant bits)."""
+    return (gate_up and spec.activation_dtype is ActivationDtype.F16 and spec.quant.gate is QuantType.Q4_K
+            and spec.hidden_size // QK_K == warps_for(spec.hidden_size))
+
+
 GROUPED_STRUCT = {QuantType.Q4_K: "GroupedQ4K", QuantType.Q6_K: "GroupedQ6K"}
 MMA_BYTES = 2
 
@@ -118,6 +132,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
     variants += [(f"p{few}{tag}", DEFAULT_TOKENS, False, rt, "FEW", few) for few in FEW_PAIRS
                  for rt, tag in row_tiles_forms if few_pairs_tokens(spec, few) >= 1]
     out = []
+    after = scales_after(spec, gate_up)
     for variant, tokens, routing, row_tiles, slots, few in variants:
         int_dot = variant == INT_DOT_VARIANT
         smem = int_dot_smem_bytes(warps, matrices) if int_dot else smem_bytes(warps, tokens, matrices, row_tiles)
@@ -154,6 +169,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "SLOT_MODE": slots,
                 "FEW_PAIRS": few,
                 "INT_DOT": "true" if int_dot else "false",
+                "SCALES_AFTER": "true" if after else "false",
                 "LAUNCH_BOUNDS": f"THREADS, {INT_DOT_MIN_CTAS}" if int_dot and gate_up else "THREADS",
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
