@@ -5,11 +5,10 @@ design's tolerance. CPU only.
     python3 scripts/f16_dequant_error.py olmoe 200       # spec (gate, up and down Q4_K), number of x draws
 
 The model (it reproduced the GPU's grouped t8 error on the draw that failed, to three digits: docs/perf-notes.md,
-fifty-fourth session) follows GroupedQ4K::Dequant, which the stream kernels' Q4_K weights still use (the grouped f16
-gate+up kernels of one block a warp apply the scales after the mma since the fifty-fifth session: "scales after"
-for gate+up): each sub-block's scale d * sc and min dmin * m are rounded to
-f16, a weight is one f16 fma of its code with them, x is f16, products are summed in float32 or better, and a is
-rounded to f16. Routing "one expert" (every token on experts 0..k-1 with logits k..1), as test_gpu's routed_inputs.
+fifty-fourth session) follows GroupedQ4K::Dequant, which the stream kernels' Q4_K weights still use: each sub-block's
+scale d * sc and min dmin * m are rounded to f16, a weight is one f16 fma of its code with them, x is f16, products
+are summed in float32 or better, and a is rounded to f16. (Since the fifty-fifth session the grouped f16 gate+up of
+one block a warp applies the scales after the mma, the "scales after" form for gate+up.) Routing "one expert" (every token on experts 0..k-1 with logits k..1), as test_gpu's routed_inputs.
 The forms:
   f16             the kernels' arithmetic;
   scale exact     the min applied apart exactly, each code times its f16 scale rounded to f16;
