@@ -476,8 +476,8 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
     check_threshold(threshold)
     old_cases, new_cases = old.case_map(), new.case_map()
     other_skew = sorted(k for k in old_cases if k in new_cases and k[2] == "skewed" and old.skew != new.skew)
-    changes = [CaseChange(k, old_cases[k].median_us, new_cases[k].median_us) for k in old_cases
-               if k in new_cases and k not in other_skew]
+    compared = [k for k in old_cases if k in new_cases and k not in other_skew]
+    changes = [CaseChange(k, old_cases[k].median_us, new_cases[k].median_us) for k in compared]
     notes = []
     if other_skew:
         notes.append(f"skewed inputs: {old.skew or 'one popularity ranking for all sets'} (old) vs "
@@ -487,7 +487,7 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
     if old.spec_hash != new.spec_hash:
         notes.append(f"different specs: {old.spec_name} {old.spec_hash[:12]} (old) vs "
                      f"{new.spec_name} {new.spec_hash[:12]} (new)")
-    for k in sorted(k for k in old_cases if k in new_cases and k not in other_skew):
+    for k in sorted(compared):
         o, n = old_cases[k], new_cases[k]
         if abs(n.distinct_expert_bytes / o.distinct_expert_bytes - 1.0) > SAME_INPUTS_TOLERANCE:
             T, path, routing = k
