@@ -59,6 +59,7 @@ from . import reference, tuning
 from .bundle import Kernel, KernelBundle
 from .families import align as align_family
 from .families import fused_moe as fused_family
+from .families import grouped as grouped_family
 from .families import stream as stream_family
 from .launch import DependentLauncher, pdl_unavailable, swizzled_rows_tensor_map
 from .quant import QuantType, row_bytes, to_gpu_layout
@@ -240,6 +241,8 @@ def scratch_shapes(spec: MoeSpec, max_tokens: int, decode_tokens: int,
         "a_decode": ((decode_tokens * k, I), "float32"),
         "y_grouped": ((decode_tokens * k, H), "float32"),
         "tile_counters": ((math.ceil(H / 16),), "int32"),  # grouped down: zero between calls
+        # o1i: per pair, gate+up's CTAs that stored its rows of a (the router zeroes a call's)
+        "pair_ready": ((grouped_family.INT_DOT_MAX_PAIRS, grouped_family.PAIR_READY_STRIDE), "int32"),
         "fused_sync": ((2,), "int32"),  # the fused kernel's arrivals: zero between calls
         "tile_claims": ((2,), "int32"),  # the wgmma stream kernels' claimed tiles (gate+up, down): zero between calls
         "align_counts": ((align_family.cta_count(pairs), E), "int32"),  # align_count's per-chunk histograms
@@ -568,7 +571,8 @@ class MoeLayer:
         so only its launch overlaps that kernel (and the layer's last kernel lets the next launch
         start early: grouped down, the combine, the fused kernel). After the router (whose ids the
         grouped down reads before it waits for gate+up; the stream path's align reads them):
-        - grouped path: gate+up and down;
+        - grouped path: gate+up and down (o1i after o1i: down waits for its pair's rows of a, which o1i
+          gate+up counts on pair_ready, rather than for the gate+up grid);
         - stream path: align (and align_count), gate+up, down and combine; down copies its first
           weights before it waits (stream.cuh's EARLY_WEIGHTS).
         Not the prefill path, whose GEMM kernels do not wait, nor a grouped gate+up that routes
@@ -641,10 +645,11 @@ class MoeLayer:
                     self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
                     if sums.get("num_sum_tokens"):  # the router for the sums alone
                         self._launch(self.k_router, self._router_grid(0, sums), stream, logits=logits, ids=self.ids,
-                                     weights=self.weights, num_tokens=0, **sums)
+                                     weights=self.weights, num_tokens=0, pair_ready=self.pair_ready, **sums)
                 else:
                     self._launch(self.k_router, self._router_grid(T, sums), stream, dependent=self.uses_pdl(choice),
-                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T, **sums)
+                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T,
+                                 pair_ready=self.pair_ready, **sums)
                 self._phase("route", stream, events)
                 if stop_after != "route":
                     if choice.path in tuning.ALIGNED_PATHS:
@@ -702,15 +707,20 @@ class MoeLayer:
 
         arch = self.bundle.arch
         dependent = self.uses_pdl(choice)
+        # o1i after o1i, as programmatic dependents: down waits for its own pair's rows of a (grouped.PAIR_READY);
+        # launched plainly it starts after gate+up's end anyway
+        counted = int(dependent and all(kern.launch.get("integer_dot") for kern in (kg, kd)))
         self._steps(stream, events, stop_after, [
             ("gate_up_silu", lambda: self._launch(
                 kg, (I // kg.launch["rows_per_cta"], slots(kg)), stream, kg.launch["smem_bytes"][arch], dependent,
                 x=xc, logits=logits, num_tokens=T, ids=self.ids, weights=self.weights, w_gate=self.gate.data,
-                w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted)),
+                w_gate_d=self.gate.d, w_up=self.up.data, w_up_d=self.up.d, a=self.a_sorted,
+                pair_ready=self.pair_ready, pairs_counted=counted)),
             ("down_combine", lambda: self._launch(
                 kd, (H // kd.launch["rows_per_cta"], slots(kd)), stream, kd.launch["smem_bytes"][arch], dependent,
                 a=self.a_sorted, ids=self.ids, weights=self.weights, num_pairs=P, w_down=self.down.data,
-                w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c)),
+                w_down_d=self.down.d, y=self.y_grouped, counters=self.tile_counters, out=out_c,
+                pair_ready=self.pair_ready, pairs_counted=counted)),
         ])
 
     def _fused(self, xc: Any, out_c: Any, T: int, choice: tuning.Choice, stream: Any, events: list | None,

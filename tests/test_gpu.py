@@ -416,6 +416,30 @@ def test_the_routing_variant_serves_only_its_token_count(case: Case, rng) -> Non
     assert case.layer.choose(9, "grouped").variants["grouped_gate_up_silu"] != "r8"
 
 
+@pytest.mark.parametrize("T", (2, 3, 16))
+def test_o1i_down_after_o1i_gate_up_waits_for_its_pairs_count_even_after_a_cut_call(case: Case, T: int, rng) -> None:
+    """o1i down after o1i gate+up, as programmatic dependents, waits for its own pair's count of gate+up's stores
+    of a (pair_ready) instead of the gate+up grid: the output matches the reference and has the bits of plain
+    launches (which wait for the grid), also after calls cut after gate+up, whose counts no down consumed (the
+    router zeroes each call's)."""
+    grouped_or_skip(case)
+    o1i = grouped_family.INT_DOT_VARIANT
+    variants = {"grouped_gate_up_silu": o1i, "grouped_down_combine": o1i}
+    if any(case.layer.variant_refusal(f, v, T) for f, v in variants.items()):
+        pytest.skip(f"{o1i} does not serve {T} tokens of {case.spec.name}")
+    plain = plain_launch_layer_or_skip(case, 16)
+    assert case.layer.uses_pdl(case.layer.choose(T, "grouped", variants))
+    dtype = case.spec.activation_dtype
+    for cut_before in (0, 2):
+        x, logits = case.inputs(T, rng)
+        for _ in range(cut_before):
+            case.layer.forward(*case.inputs(T, rng), path="grouped", variants=variants, stop_after="gate_up_silu")
+        out = case.run(x, logits, "grouped", variants).copy()
+        want = plain.forward(x, logits, path="grouped", variants=variants)
+        cp.testing.assert_array_equal(out, want, err_msg=f"{cut_before} cut calls before")
+        assert rel_err(from_act(out, dtype), case.reference(x, logits)[0]) <= LAYER_TOL[dtype]
+
+
 @pytest.mark.parametrize("T", (1, 9, 33))
 def test_grouped_path_is_deterministic_and_agrees_with_prefill(case: Case, T: int, rng) -> None:
     grouped_or_skip(case)

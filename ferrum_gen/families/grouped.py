@@ -55,6 +55,11 @@ INT_DOT_MAX_PAIRS = FEW_PAIRS[-1]
 """The most pairs o1i serves (16 tokens of top-8): beyond, its cost per pair loses to the
 grouping variants even under uniform routing (docs/perf-notes.md, fifteenth session)."""
 
+PAIR_READY_STRIDE = 32
+"""ints between two pairs' counts in pair_ready: a 128-byte line each, since every waiting o1i down CTA polls its
+pair's (counts sharing a line made gate+up's stores and down slower on an H200: docs/perf-notes.md, fifty-sixth
+session)."""
+
 INT_DOT_MIN_CTAS = 3
 """o1i gate+up's __launch_bounds__ asks for 3 CTAs an SM (at most 85 registers), the occupancy the
 mma variants get from ptxas unasked (80); left to itself ptxas takes 93, two CTAs an SM."""
@@ -172,6 +177,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
                 "INT_DOT": "true" if int_dot else "false",
                 "SCALES_AFTER": "true" if after else "false",
                 "LAUNCH_BOUNDS": f"THREADS, {INT_DOT_MIN_CTAS}" if int_dot and gate_up else "THREADS",
+                "PAIR_READY_STRIDE": PAIR_READY_STRIDE,
                 **({"ROUTES": "true" if routing else "false",
                     "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                     "ROUTED_TOKENS": ROUTED_TOKENS if routing else 1} if gate_up else {"ROW_TILES": row_tiles}),
@@ -180,6 +186,16 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, in_dim:
             launch=launch,
         ))
     return out
+
+
+PAIR_READY = Arg("pair_ready", "int*")
+"""Per pair (of the first INT_DOT_MAX_PAIRS, PAIR_READY_STRIDE ints apart): how many o1i gate+up CTAs have stored
+their rows of its a. The router zeroes a call's counts before gate+up adds to them; o1i down waits for its pair's
+count instead of for the whole gate+up grid (pairs_counted)."""
+PAIRS_COUNTED = Arg("pairs_counted", "int")
+"""1 where the call's grouped kernels are both o1i and launched as programmatic dependents (runtime.py): o1i
+gate+up counts its stores of a on pair_ready and o1i down waits for its pair's count; 0 otherwise, and down
+waits for the gate+up grid."""
 
 
 def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
@@ -195,6 +211,8 @@ def gate_up_kernels(spec: MoeSpec) -> list[KernelSpec]:
         Arg("weights", "float*"),
         *GATE_UP_WEIGHTS,
         Arg("a", f"{MMA_CTYPE[dtype]}*"),
+        PAIR_READY,
+        PAIRS_COUNTED,
     ), gate_up=True)
 
 
@@ -209,4 +227,6 @@ def down_kernels(spec: MoeSpec) -> list[KernelSpec]:
         Arg("y", "float*"),
         Arg("counters", "int*"),
         Arg("out", f"{ACT_CTYPE[dtype]}*"),
+        PAIR_READY,
+        PAIRS_COUNTED,
     ), gate_up=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..spec import MoeSpec
-from . import stream
+from . import grouped, stream
 from .base import Arg, KernelSpec
 
 TOKENS_PER_CTA = 4
@@ -30,6 +30,8 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "WARPS": TOKENS_PER_CTA,
                 "SUM_H": spec.hidden_size if sums else 0,
                 "SUM_ARGS": "x, x_sums, num_sum_tokens" if sums else "nullptr, nullptr, 0",
+                "COUNTED_PAIRS": grouped.INT_DOT_MAX_PAIRS,
+                "PAIR_READY_STRIDE": grouped.PAIR_READY_STRIDE,
             },
             args=(
                 Arg("logits", "const float*"),
@@ -37,6 +39,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("weights", "float*"),
                 Arg("num_tokens", "int"),
                 *sum_args,
+                grouped.PAIR_READY,
             ),
             launch={"threads": TOKENS_PER_CTA * 32,
                     "grid": "ceil(num_tokens / tokens_per_cta) + ceil(num_sum_tokens / tokens_per_cta)",
