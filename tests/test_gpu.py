@@ -495,9 +495,8 @@ def test_the_integer_dot_variant_gives_each_token_the_bits_it_gets_alone(case: C
     same bits as that token alone, under normal routing and with every token on the same experts
     (where the pairs of one expert each read its rows, and each row tile's combine waits for all)."""
     grouped_or_skip(case)
-    from ferrum_gen.families.grouped import INT_DOT_VARIANT
-
-    variants = {"grouped_gate_up_silu": INT_DOT_VARIANT, "grouped_down_combine": INT_DOT_VARIANT}
+    o1i = grouped_family.INT_DOT_VARIANT
+    variants = {"grouped_gate_up_silu": o1i, "grouped_down_combine": o1i}
     for routing, x, logits in routed_inputs(case, T, rng):
         together = case.run(x, logits, "grouped", variants).copy()
         for t in range(T):
