@@ -38,11 +38,12 @@ DECODE_TUNE_MAX = 64
 """The decode path re-reads an expert per (token, expert) pair: past this it cannot win, so it is not timed."""
 GROUPED_TUNE_MAX = 256
 """The grouped path is timed up to here: past it every expert has many tokens and prefill's GEMMs win."""
-STREAM_TUNE_MIN = 6
-"""The stream path is timed from here (buckets 6 and up, T = 5 and more): below it align and combine
-cost more than its kernels save. Timed from 16 before, it never served T = 9-12, where on an H200 it
-beat the grouped path; timed from 8, it could not serve T = 5-6 on its own, which it won on olmoe
-once it ran as programmatic dependents (docs/perf-notes.md)."""
+STREAM_TUNE_MIN = 5
+"""The stream path is timed in the buckets from here up (T = 5 and more: bucket 6 after 4, or a bucket of its
+own at 5): below it align and combine cost more than its kernels save. Timed from 16 before, it never served
+T = 9-12, where on an H200 it beat the grouped path; timed from 8, it could not serve T = 5-6 on its own,
+which it won on olmoe once it ran as programmatic dependents; timed from 6, a bucket at 5 split off bucket 6
+was tuned without the stream path that had served T = 5 (docs/perf-notes.md)."""
 
 WORST_CASE_SLACK = 0.03
 """Candidates whose worst run is within this fraction of the least-slow worst run tie on it; the

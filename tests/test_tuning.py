@@ -310,9 +310,14 @@ def test_the_stream_families_take_one_variant_together() -> None:
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == [f"stream:stream_gate_up_silu={v},stream_down={v}"
                                               for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b64", "w128", "w64", "w96")]
-    # timed from STREAM_TUNE_MIN up, never below (align and combine cost more than the kernels save there)
-    assert [c for c in candidates(Layer, STREAM_TUNE_MIN) if c.path == "stream"]
-    assert not [c for c in candidates(Layer, STREAM_TUNE_MIN - 1) if c.path == "stream"]
+    # timed in the buckets from STREAM_TUNE_MIN (5 tokens) up, never below (align and combine cost more than the
+    # kernels save there): bucket 6 after 4 (5-6) and a bucket at 5 split off it both time it, bucket 4 does not
+    def streams(bucket, buckets):
+        return [c for c in candidates(Layer, bucket, tuning.bucket_edges(bucket, buckets)) if c.path == "stream"]
+
+    assert STREAM_TUNE_MIN == 5
+    assert streams(6, (4, 6)) and streams(5, (4, 5, 6)) and streams(6, (4, 5, 6))
+    assert not streams(4, (2, 4)) and not streams(4, (2, 4, 5))
 
 
 def test_the_tuner_picks_the_least_worst_run_before_the_least_sum() -> None:
