@@ -14,6 +14,7 @@ from .families import (
     gemv_gate_up_silu,
     grouped_down_combine,
     grouped_gate_up_silu,
+    route_align,
     router,
     stream_down,
     stream_gate_up_silu,
@@ -21,8 +22,9 @@ from .families import (
 from .families.base import KernelSpec
 from .spec import MoeSpec
 
-FAMILIES = (router, align_count, align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu, grouped_down_combine,
-            fused_moe, gemm_gate_up_silu, gemm_down, gather_x, stream_gate_up_silu, stream_down, combine)
+FAMILIES = (router, align_count, align, route_align, gemv_gate_up_silu, gemv_down_combine, grouped_gate_up_silu,
+            grouped_down_combine, fused_moe, gemm_gate_up_silu, gemm_down, gather_x, stream_gate_up_silu, stream_down,
+            combine)
 
 
 def enumerate_kernels(spec: MoeSpec) -> list[KernelSpec]:

@@ -25,7 +25,8 @@ tuning table when there is one, else the default rule in ferrum_gen/tuning.py):
   given, so a CUDA graph can capture them.
 - prefill (larger T where the spec has no stream kernels): router -> align (device; one CTA, or
   above 4096 pairs align_count's per-chunk counts then a CTA per chunk) -> grouped gate+up+SiLU
-  GEMM -> grouped down GEMM -> combine. Also free of host synchronisation.
+  GEMM -> grouped down GEMM -> combine. Up to route_align's max_tokens (16) one CTA routes and
+  aligns in one launch (routes_and_aligns). Also free of host synchronisation.
 - stream (by default T > spec.decode_max_tokens, where the spec has its kernels): prefill's
   launches with the stream kernels: weights as the tensor-core A operand, dequantised in
   registers once per aligned block, streamed through a ring in shared memory (on sm_90 the
@@ -298,6 +299,7 @@ class MoeLayer:
         self.k_router = bundle.one("router")
         self.k_align = bundle.one("align")
         self.k_align_count = bundle.one("align_count")
+        self.k_route_align = bundle.one("route_align")
         self.k_combine = bundle.one("combine")
         self.k_gather_x = bundle.one("gather_x") if stream_family.sorted_x(spec) else None
         dev = cp.cuda.Device(self.device_id)
@@ -497,7 +499,9 @@ class MoeLayer:
         """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
         choice = self.choose(tokens, path)
         out = {} if self.routes_in_gate_up(choice) or choice.path == "fused" else {"router": self.k_router.uri}
-        if choice.path in tuning.ALIGNED_PATHS:
+        if self.routes_and_aligns(tokens, choice):
+            out = {"route_align": self.k_route_align.uri}
+        elif choice.path in tuning.ALIGNED_PATHS:
             if self._align_chunks(tokens) > 1:
                 out["align_count"] = self.k_align_count.uri
             out["align"] = self.k_align.uri
@@ -516,7 +520,8 @@ class MoeLayer:
             return 2 if self.routes_in_gate_up(choice) else 3
         per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
-        align = 0 if self.settings.host_route else 1 + (self._align_chunks(tokens) > 1)
+        aligned_in_routing = self.settings.host_route or self.routes_and_aligns(tokens, choice)
+        align = 0 if aligned_in_routing else 1 + (self._align_chunks(tokens) > 1)
         return 1 + align + convert_x + 2 * per_gemm + 1
 
     # --- launching --------------------------------------------------------------
@@ -573,8 +578,8 @@ class MoeLayer:
         grouped down reads before it waits for gate+up; the stream path's align reads them):
         - grouped path: gate+up and down (o1i after o1i: down waits for its pair's rows of a, which o1i
           gate+up counts on pair_ready, rather than for the gate+up grid);
-        - stream path: align (and align_count), gate+up, down and combine; down copies its first
-          weights before it waits (stream.cuh's EARLY_WEIGHTS).
+        - stream path: align (and align_count; or route_align, which routes too), gate+up, down and
+          combine; down copies its first weights before it waits (stream.cuh's EARLY_WEIGHTS).
         Not the prefill path, whose GEMM kernels do not wait, nor a grouped gate+up that routes
         (down would read ids before they are written), nor host routing (ids come by copies)."""
         return (self._dependent is not None and choice.path in PDL_PATHS and not self.settings.host_route
@@ -639,21 +644,28 @@ class MoeLayer:
                 if choice.path in tuning.ALIGNED_PATHS:
                     self._fit_aligned_scratch(self._block_size(choice))
                 sums = self._router_sum_args(xc, T, choice)
+                routes_and_aligns = self.routes_and_aligns(T, choice)
                 if self.routes_in_gate_up(choice):
                     pass  # the gate+up kernel routes (its launch is the route phase's too)
+                elif routes_and_aligns:  # align's plan too: the align phase then launches nothing
+                    self._launch(self.k_route_align, self._routing_grid(self.k_route_align, 1, sums), stream,
+                                 dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
+                                 num_tokens=T, **sums, **self._align_outputs(choice))
                 elif host:
                     self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
                     if sums.get("num_sum_tokens"):  # the router for the sums alone
-                        self._launch(self.k_router, self._router_grid(0, sums), stream, logits=logits, ids=self.ids,
-                                     weights=self.weights, num_tokens=0, pair_ready=self.pair_ready, **sums)
+                        self._launch(self.k_router, self._routing_grid(self.k_router, 0, sums), stream,
+                                     logits=logits, ids=self.ids, weights=self.weights, num_tokens=0,
+                                     pair_ready=self.pair_ready, **sums)
                 else:
-                    self._launch(self.k_router, self._router_grid(T, sums), stream, dependent=self.uses_pdl(choice),
-                                 logits=logits, ids=self.ids, weights=self.weights, num_tokens=T,
-                                 pair_ready=self.pair_ready, **sums)
+                    routing_ctas = math.ceil(T / self.k_router.launch["tokens_per_cta"])
+                    self._launch(self.k_router, self._routing_grid(self.k_router, routing_ctas, sums), stream,
+                                 dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
+                                 num_tokens=T, pair_ready=self.pair_ready, **sums)
                 self._phase("route", stream, events)
                 if stop_after != "route":
                     if choice.path in tuning.ALIGNED_PATHS:
-                        run = functools.partial(self._prefill, plan_ready=host)
+                        run = functools.partial(self._prefill, plan_ready=host or routes_and_aligns)
                     else:
                         run = {"decode": self._decode,
                                "grouped": functools.partial(self._grouped, logits=logits)}[choice.path]
@@ -760,10 +772,7 @@ class MoeLayer:
                 self._launch(self.k_align_count, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
                              counts=self.align_counts)
             self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
-                         counts=self.align_counts,
-                         block_size_override=override or 0, sorted_ids=self.sorted_ids,
-                         block_expert=self.block_expert, block_ready=self.block_ready,
-                         block_a_row=self.block_a_row, plan=self.plan)
+                         counts=self.align_counts, **self._align_outputs(choice))
 
         def gemm_gate_up() -> None:
             x_in = xc
@@ -883,10 +892,23 @@ class MoeLayer:
             out["x_sums"] = self.x_sums
         return out
 
-    def _router_grid(self, T: int, sums: dict[str, Any]) -> tuple[int]:
-        """The router's CTAs: those that route T tokens, then those that sum x's sub-blocks (_router_sum_args)."""
-        per_cta = self.k_router.launch["tokens_per_cta"]
-        return (math.ceil(T / per_cta) + math.ceil(sums.get("num_sum_tokens", 0) / per_cta),)
+    @staticmethod
+    def _routing_grid(kern: Kernel, routing_ctas: int, sums: dict[str, Any]) -> tuple[int]:
+        """A routing kernel's CTAs (the router's, route_align's): those that route, then those that sum x's
+        sub-blocks (_router_sum_args), tokens_per_cta a CTA."""
+        return (routing_ctas + math.ceil(sums.get("num_sum_tokens", 0) / kern.launch["tokens_per_cta"]),)
+
+    def routes_and_aligns(self, tokens: int, choice: tuning.Choice) -> bool:
+        """Whether one launch (route_align) routes an aligned path's call and makes align's plan: up to its
+        max_tokens, where the routing is on the device."""
+        return (choice.path in tuning.ALIGNED_PATHS and not self.settings.host_route
+                and tokens <= self.k_route_align.launch["max_tokens"])
+
+    def _align_outputs(self, choice: tuning.Choice) -> dict[str, Any]:
+        """align's (and route_align's) block size override (0: the padding rule) and its outputs."""
+        return dict(block_size_override=self._block_size(choice) or 0, sorted_ids=self.sorted_ids,
+                    block_expert=self.block_expert, block_ready=self.block_ready, block_a_row=self.block_a_row,
+                    plan=self.plan)
 
     def _router_sum_args(self, xc: Any, T: int, choice: tuning.Choice) -> dict[str, Any]:
         """The router's arguments for x's sub-block sums where it makes them (stream.x_sums): the call's T

@@ -19,7 +19,8 @@ from ferrum_gen.spec import Arch, SpecError, load_spec, shipped_spec_names, spec
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "generated"
-FAMILIES = {"router", "align_count", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu", "gemm_down", "combine"}
+FAMILIES = {"router", "align_count", "align", "route_align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
+            "gemm_down", "combine"}
 GROUPED_FAMILIES = {"grouped_gate_up_silu", "grouped_down_combine"}
 STREAM_FAMILIES = {"stream_gate_up_silu", "stream_down"}
 
@@ -100,7 +101,7 @@ def test_spec_expands_into_one_gemm_per_variant_and_block_size(spec) -> None:
             assert sizes == list(spec.prefill.block_sizes)
     for fam in families_of(spec) - {"gemm_gate_up_silu", "gemm_down"}:
         assert len({k.variant for k in by_family[fam]}) == len(by_family[fam])
-    for fam in ("router", "align_count", "align", "combine"):
+    for fam in ("router", "align_count", "align", "route_align", "combine"):
         assert len(by_family[fam]) == 1
     gate_up = by_family["gemv_gate_up_silu"][0]
     assert spec.quant.gate.value in gate_up.uri and spec.quant.up.value in gate_up.uri

@@ -15,6 +15,7 @@ import pytest
 
 from ferrum_gen import reference, tuning
 from ferrum_gen.families import grouped as grouped_family
+from ferrum_gen.families import route_align as route_align_family
 from ferrum_gen.families import stream as stream_family
 from ferrum_gen.quant import dequantize, random_matrix_bytes
 from ferrum_gen.settings import Settings
@@ -214,12 +215,13 @@ def test_router_matches_reference(case: Case, T: int, rng) -> None:
     assert np.linalg.norm(got_w - w) / np.linalg.norm(w) <= 1e-5
 
 
-@pytest.mark.parametrize("T", (1, 33, 513))
+@pytest.mark.parametrize("T", (1, route_align_family.MAX_TOKENS, 33, 513))
 def test_router_sums_x_by_sub_block_where_the_stream_gate_up_reads_them(case: Case, T: int, rng) -> None:
     """Where the spec's mma.sync stream gate+up kernels add Q4_K's min terms apart (stream.x_sums), the router
-    also stores each token's x summed over each 32-element sub-block, as a high and a low bf16 part: their sum
-    is the float64 sum to 2^-15 of the sub-block's absolute sum. It does so only for a call whose gate+up reads
-    them (a wgmma variant does not: the buffer keeps its poison), and with the plan made on the host too."""
+    (route_align up to its max_tokens) also stores each token's x summed over each 32-element sub-block, as a
+    high and a low bf16 part: their sum is the float64 sum to 2^-15 of the sub-block's absolute sum. It does so
+    only for a call whose gate+up reads them (a wgmma variant does not: the buffer keeps its poison), and with
+    the plan made on the host too."""
     from ferrum_gen.runtime import MoeLayer
 
     spec = case.spec
@@ -265,13 +267,23 @@ def a_rows_by_pair(layer, num_pairs: int):
     return rows
 
 
-@pytest.mark.parametrize("T", TOKEN_COUNTS)
+@pytest.mark.parametrize("T", sorted({*TOKEN_COUNTS, route_align_family.MAX_TOKENS, route_align_family.MAX_TOKENS + 1}))
 def test_align_plan_invariants(case: Case, T: int, rng) -> None:
+    """align's plan (and the routing before it) on the device: up to route_align's max_tokens one launch makes
+    both, above it the router then align."""
     spec = case.spec
     x, logits = case.inputs(T, rng)
+    one_launch = "route_align" in case.layer.selected_kernels(T, "prefill")
+    assert one_launch == (T <= route_align_family.MAX_TOKENS)
+    case.layer.sorted_ids.fill(-7)
+    case.layer.block_a_row.fill(-7)
     case.run(x, logits, "prefill")
     k, P = spec.top_k, T * spec.top_k
     ids = cp.asnumpy(case.layer.ids[:P]).reshape(T, k)
+    ref_ids, ref_w = reference.route(cp.asnumpy(logits), k, spec.norm_topk_prob)
+    np.testing.assert_array_equal(ids, ref_ids)
+    got_w = cp.asnumpy(case.layer.weights[:P]).reshape(T, k)
+    assert np.linalg.norm(got_w - ref_w) / np.linalg.norm(ref_w) <= 1e-5
     num_padded, bs = (int(v) for v in cp.asnumpy(case.layer.plan))
     counts = reference.expert_counts(ids, spec.num_experts)
     assert bs == reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget)
@@ -1165,5 +1177,5 @@ def test_bundle_has_exactly_the_families_this_suite_exercises(case: Case) -> Non
         optional.add(fused_moe.FAMILY)
     if stream_family.sorted_x(case.spec):  # run before the wgmma gate+up kernels (test_stream_kernels_match_reference)
         optional.add("gather_x")
-    assert families == {"router", "align_count", "align", "gemv_gate_up_silu", "gemv_down_combine", "gemm_gate_up_silu",
-                        "gemm_down", "combine"} | optional
+    assert families == {"router", "align_count", "align", "route_align", "gemv_gate_up_silu", "gemv_down_combine",
+                        "gemm_gate_up_silu", "gemm_down", "combine"} | optional

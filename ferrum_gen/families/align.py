@@ -17,6 +17,12 @@ def cta_count(num_pairs: int) -> int:
     return max(1, -(-num_pairs // PAIRS_PER_CTA))
 
 
+def padding_budget_literal(spec: MoeSpec) -> str:
+    """The padding budget as a C++ double: repr() round-trips the float64 exactly, so the device compares like
+    numpy does."""
+    return repr(float(spec.prefill.padding_budget))
+
+
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
     sizes = spec.prefill.block_sizes
     budget = spec.prefill.padding_budget
@@ -30,8 +36,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "E": spec.num_experts,
                 "THREADS": THREADS,
                 "BLOCK_SIZES": list(sizes),
-                # repr() round-trips the float64 exactly, so the device compares like numpy does
-                "PADDING_BUDGET": repr(float(budget)),
+                "PADDING_BUDGET": padding_budget_literal(spec),
                 "PAIRS_PER_CTA": PAIRS_PER_CTA,
             },
             args=(

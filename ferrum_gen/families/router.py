@@ -7,6 +7,13 @@ from . import grouped, stream
 from .base import Arg, KernelSpec
 
 TOKENS_PER_CTA = 4
+SUM_ARGS = (Arg("x", "const __nv_bfloat16*"), Arg("x_sums", "u32*"), Arg("num_sum_tokens", "int"))
+"""The arguments of x's sub-block sums (router.cuh sub_block_sums), where a routing kernel makes them."""
+
+
+def sum_args(sums: bool) -> str:
+    """sub_block_sums' arguments in a routing kernel: its own, or none (SUM_H = 0 makes it do nothing)."""
+    return ", ".join(arg.name for arg in SUM_ARGS) if sums else "nullptr, nullptr, 0"
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
@@ -17,7 +24,6 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
     sums = stream.x_sums(spec)
     uri = (f"router_topk_softmax_xsums_h{spec.hidden_size}_e{spec.num_experts}_k{spec.top_k}_{norm}_bf16" if sums
            else f"router_topk_softmax_e{spec.num_experts}_k{spec.top_k}_{norm}")
-    sum_args = (Arg("x", "const __nv_bfloat16*"), Arg("x_sums", "u32*"), Arg("num_sum_tokens", "int")) if sums else ()
     return [
         KernelSpec(
             uri=uri,
@@ -29,7 +35,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
                 "WARPS": TOKENS_PER_CTA,
                 "SUM_H": spec.hidden_size if sums else 0,
-                "SUM_ARGS": "x, x_sums, num_sum_tokens" if sums else "nullptr, nullptr, 0",
+                "SUM_ARGS": sum_args(sums),
                 "COUNTED_PAIRS": grouped.INT_DOT_MAX_PAIRS,
                 "PAIR_READY_STRIDE": grouped.PAIR_READY_STRIDE,
             },
@@ -38,7 +44,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 Arg("ids", "int*"),
                 Arg("weights", "float*"),
                 Arg("num_tokens", "int"),
-                *sum_args,
+                *(SUM_ARGS if sums else ()),
                 grouped.PAIR_READY,
             ),
             launch={"threads": TOKENS_PER_CTA * 32,
