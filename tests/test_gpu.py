@@ -267,7 +267,8 @@ def a_rows_by_pair(layer, num_pairs: int):
     return rows
 
 
-@pytest.mark.parametrize("T", sorted({*TOKEN_COUNTS, route_align_family.MAX_TOKENS, route_align_family.MAX_TOKENS + 1}))
+@pytest.mark.parametrize("T", sorted({*TOKEN_COUNTS, route_align_family.MAX_TOKENS,
+                                        route_align_family.MAX_TOKENS + 1}))
 def test_align_plan_invariants(case: Case, T: int, rng) -> None:
     """align's plan (and the routing before it) on the device: up to route_align's max_tokens one launch makes
     both, above it the router then align."""

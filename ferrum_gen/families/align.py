@@ -17,41 +17,39 @@ def cta_count(num_pairs: int) -> int:
     return max(1, -(-num_pairs // PAIRS_PER_CTA))
 
 
-def padding_budget_literal(spec: MoeSpec) -> str:
-    """The padding budget as a C++ double: repr() round-trips the float64 exactly, so the device compares like
-    numpy does."""
-    return repr(float(spec.prefill.padding_budget))
+PLAN_ARGS = (Arg("block_size_override", "int"), Arg("sorted_ids", "int*"), Arg("block_expert", "int*"),
+             Arg("block_ready", "int*"), Arg("block_a_row", "int*"), Arg("plan", "int*"))
+"""The block size override (0: the padding rule) and align's outputs, as the kernels that make the plan (align,
+route_align) take them."""
+
+
+def plan_tag(spec: MoeSpec) -> str:
+    """The plan's rule in a kernel's uri: the candidate block sizes and the padding budget."""
+    return f"bs{'_'.join(map(str, spec.prefill.block_sizes))}_pad{round(spec.prefill.padding_budget * 100)}"
+
+
+def plan_values(spec: MoeSpec) -> dict[str, object]:
+    """The plan's rule as align.cuh's align_chunk takes it: E, the candidate block sizes, and the padding budget as a
+    C++ double (repr() round-trips the float64 exactly, so the device compares like numpy does)."""
+    return {"E": spec.num_experts, "BLOCK_SIZES": list(spec.prefill.block_sizes),
+            "PADDING_BUDGET": repr(float(spec.prefill.padding_budget))}
 
 
 def kernels(spec: MoeSpec) -> list[KernelSpec]:
-    sizes = spec.prefill.block_sizes
-    budget = spec.prefill.padding_budget
-    uri = f"align_block_size_e{spec.num_experts}_bs{'_'.join(map(str, sizes))}_pad{round(budget * 100)}"
     return [
         KernelSpec(
-            uri=uri,
+            uri=f"align_block_size_e{spec.num_experts}_{plan_tag(spec)}",
             family="align",
             template="align.cu.j2",
-            values={
-                "E": spec.num_experts,
-                "THREADS": THREADS,
-                "BLOCK_SIZES": list(sizes),
-                "PADDING_BUDGET": padding_budget_literal(spec),
-                "PAIRS_PER_CTA": PAIRS_PER_CTA,
-            },
+            values={**plan_values(spec), "THREADS": THREADS, "PAIRS_PER_CTA": PAIRS_PER_CTA},
             args=(
                 Arg("ids", "const int*"),
                 Arg("num_pairs", "int"),
                 Arg("counts", "const int*"),
-                Arg("block_size_override", "int"),
-                Arg("sorted_ids", "int*"),
-                Arg("block_expert", "int*"),
-                Arg("block_ready", "int*"),
-                Arg("block_a_row", "int*"),
-                Arg("plan", "int*"),
+                *PLAN_ARGS,
             ),
             launch={"threads": THREADS, "grid": "ceil(num_pairs / pairs_per_cta), at least 1",
                     "pairs_per_cta": PAIRS_PER_CTA, "smem_bytes": 0,
-                    "block_sizes": list(sizes), "padding_budget": budget},
+                    "block_sizes": list(spec.prefill.block_sizes), "padding_budget": spec.prefill.padding_budget},
         )
     ]

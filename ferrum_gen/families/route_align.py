@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..spec import MoeSpec
 from . import align, router, stream
-from .base import Arg, KernelSpec
+from .base import KernelSpec
 
 THREADS = align.THREADS
 """align's CTA size: a warp a token routes up to 32 tokens at once."""
@@ -19,9 +19,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
     past the first do so too (of the first num_sum_tokens tokens, a warp a token and the router's tokens a CTA)."""
     norm = "renorm" if spec.norm_topk_prob else "nonorm"
     sums = stream.x_sums(spec)
-    sizes = spec.prefill.block_sizes
-    uri = (f"route_align_e{spec.num_experts}_k{spec.top_k}_{norm}_bs{'_'.join(map(str, sizes))}"
-           f"_pad{round(spec.prefill.padding_budget * 100)}_t{MAX_TOKENS}"
+    uri = (f"route_align_e{spec.num_experts}_k{spec.top_k}_{norm}_{align.plan_tag(spec)}_t{MAX_TOKENS}"
            + (f"_xsums_h{spec.hidden_size}_bf16" if sums else ""))
     return [
         KernelSpec(
@@ -29,30 +27,15 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             family="route_align",
             template="route_align.cu.j2",
             values={
-                "E": spec.num_experts,
-                "K_TOP": spec.top_k,
-                "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
+                **router.routing_values(spec),
+                **align.plan_values(spec),
                 "THREADS": THREADS,
                 "MAX_TOKENS": MAX_TOKENS,
                 "SUM_WARPS": router.TOKENS_PER_CTA,
                 "SUM_H": spec.hidden_size if sums else 0,
                 "SUM_ARGS": router.sum_args(sums),
-                "BLOCK_SIZES": list(sizes),
-                "PADDING_BUDGET": align.padding_budget_literal(spec),
             },
-            args=(
-                Arg("logits", "const float*"),
-                Arg("ids", "int*"),
-                Arg("weights", "float*"),
-                Arg("num_tokens", "int"),
-                *(router.SUM_ARGS if sums else ()),
-                Arg("block_size_override", "int"),
-                Arg("sorted_ids", "int*"),
-                Arg("block_expert", "int*"),
-                Arg("block_ready", "int*"),
-                Arg("block_a_row", "int*"),
-                Arg("plan", "int*"),
-            ),
+            args=(*router.ROUTING_ARGS, *(router.SUM_ARGS if sums else ()), *align.PLAN_ARGS),
             launch={"threads": THREADS, "grid": "1 + ceil(num_sum_tokens / tokens_per_cta)",
                     "tokens_per_cta": router.TOKENS_PER_CTA, "max_tokens": MAX_TOKENS, "smem_bytes": 0, "x_sums": sums},
         )

@@ -11,6 +11,15 @@ SUM_ARGS = (Arg("x", "const __nv_bfloat16*"), Arg("x_sums", "u32*"), Arg("num_su
 """The arguments of x's sub-block sums (router.cuh sub_block_sums), where a routing kernel makes them."""
 
 
+ROUTING_ARGS = (Arg("logits", "const float*"), Arg("ids", "int*"), Arg("weights", "float*"), Arg("num_tokens", "int"))
+"""What a routing kernel (the router, route_align) reads and writes: the logits, and each token's picks and weights."""
+
+
+def routing_values(spec: MoeSpec) -> dict[str, object]:
+    """router.cuh's route_token as a routing kernel instantiates it."""
+    return {"E": spec.num_experts, "K_TOP": spec.top_k, "NORM_TOPK": "true" if spec.norm_topk_prob else "false"}
+
+
 def sum_args(sums: bool) -> str:
     """sub_block_sums' arguments in a routing kernel: its own, or none (SUM_H = 0 makes it do nothing)."""
     return ", ".join(arg.name for arg in SUM_ARGS) if sums else "nullptr, nullptr, 0"
@@ -30,9 +39,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             family="router",
             template="router.cu.j2",
             values={
-                "E": spec.num_experts,
-                "K_TOP": spec.top_k,
-                "NORM_TOPK": "true" if spec.norm_topk_prob else "false",
+                **routing_values(spec),
                 "WARPS": TOKENS_PER_CTA,
                 "SUM_H": spec.hidden_size if sums else 0,
                 "SUM_ARGS": sum_args(sums),
@@ -40,10 +47,7 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                 "PAIR_READY_STRIDE": grouped.PAIR_READY_STRIDE,
             },
             args=(
-                Arg("logits", "const float*"),
-                Arg("ids", "int*"),
-                Arg("weights", "float*"),
-                Arg("num_tokens", "int"),
+                *ROUTING_ARGS,
                 *(SUM_ARGS if sums else ()),
                 grouped.PAIR_READY,
             ),
