@@ -498,13 +498,14 @@ class MoeLayer:
     def selected_kernels(self, tokens: int, path: str = "auto") -> dict[str, str]:
         """family -> kernel uri(s) (comma-separated for one-per-block-size families) for `tokens`."""
         choice = self.choose(tokens, path)
-        out = {} if self.routes_in_gate_up(choice) or choice.path == "fused" else {"router": self.k_router.uri}
         if self.routes_and_aligns(tokens, choice):
             out = {"route_align": self.k_route_align.uri}
-        elif choice.path in tuning.ALIGNED_PATHS:
-            if self._align_chunks(tokens) > 1:
-                out["align_count"] = self.k_align_count.uri
-            out["align"] = self.k_align.uri
+        else:
+            out = {} if self.routes_in_gate_up(choice) or choice.path == "fused" else {"router": self.k_router.uri}
+            if choice.path in tuning.ALIGNED_PATHS:
+                if self._align_chunks(tokens) > 1:
+                    out["align_count"] = self.k_align_count.uri
+                out["align"] = self.k_align.uri
         for family, variant in choice.variants.items():
             out[family] = ",".join(k.uri for k in self.variants[family][variant])
         if choice.path in tuning.ALIGNED_PATHS:
@@ -641,8 +642,9 @@ class MoeLayer:
                 self._fused(xc, out_c, T, choice, stream, events, stop_after, logits=logits)
             else:
                 host = self.settings.host_route
+                block_size = self._block_size(choice)
                 if choice.path in tuning.ALIGNED_PATHS:
-                    self._fit_aligned_scratch(self._block_size(choice))
+                    self._fit_aligned_scratch(block_size)
                 sums = self._router_sum_args(xc, T, choice)
                 routes_and_aligns = self.routes_and_aligns(T, choice)
                 if self.routes_in_gate_up(choice):
@@ -650,9 +652,9 @@ class MoeLayer:
                 elif routes_and_aligns:  # align's plan too: the align phase then launches nothing
                     self._launch(self.k_route_align, self._routing_grid(self.k_route_align, 1, sums), stream,
                                  dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
-                                 num_tokens=T, **sums, **self._align_outputs(choice))
+                                 num_tokens=T, **sums, **self._align_outputs(block_size))
                 elif host:
-                    self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, self._block_size(choice))
+                    self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, block_size)
                     if sums.get("num_sum_tokens"):  # the router for the sums alone
                         self._launch(self.k_router, self._routing_grid(self.k_router, 0, sums), stream,
                                      logits=logits, ids=self.ids, weights=self.weights, num_tokens=0,
@@ -772,7 +774,7 @@ class MoeLayer:
                 self._launch(self.k_align_count, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
                              counts=self.align_counts)
             self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
-                         counts=self.align_counts, **self._align_outputs(choice))
+                         counts=self.align_counts, **self._align_outputs(override))
 
         def gemm_gate_up() -> None:
             x_in = xc
@@ -904,9 +906,9 @@ class MoeLayer:
         return (choice.path in tuning.ALIGNED_PATHS and not self.settings.host_route
                 and tokens <= self.k_route_align.launch["max_tokens"])
 
-    def _align_outputs(self, choice: tuning.Choice) -> dict[str, Any]:
-        """align's (and route_align's) block size override (0: the padding rule) and its outputs."""
-        return dict(block_size_override=self._block_size(choice) or 0, sorted_ids=self.sorted_ids,
+    def _align_outputs(self, block_size: int | None) -> dict[str, Any]:
+        """align's (and route_align's) block size override (_block_size; 0: the padding rule) and its outputs."""
+        return dict(block_size_override=block_size or 0, sorted_ids=self.sorted_ids,
                     block_expert=self.block_expert, block_ready=self.block_ready, block_a_row=self.block_a_row,
                     plan=self.plan)
 
