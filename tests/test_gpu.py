@@ -751,7 +751,9 @@ def test_calls_launched_as_dependents_wait_for_the_kernels_before_them(case: Cas
     of the kernel before it in the stream, and the call's last kernel lets the next launch start early.
     A kernel that triggers at once and writes x and the logits late precedes the first of two calls
     back to back (the second overwrites the routing and scratch that the first's last kernel reads).
-    Both outputs have the bits of plain launches, eagerly and replayed from a captured graph."""
+    Both outputs have the bits of plain launches, eagerly and replayed from a captured graph. The
+    grouped path runs its chosen variants and the o1i pair, whose down waits for its pair's count rather
+    than for the gate+up grid (grouped.PAIR_READY)."""
     path_or_skip(case, path)
     plain = plain_launch_layer_or_skip(case, 16)
     late_copy = cp.RawKernel(LATE_COPY, "late_copy")
@@ -760,34 +762,40 @@ def test_calls_launched_as_dependents_wait_for_the_kernels_before_them(case: Cas
     x, logits = cp.empty_like(x_src), cp.empty_like(l_src)
     outs = [cp.empty((T, case.spec.hidden_size), dtype=x.dtype) for _ in range(2)]
 
-    def calls(layer) -> None:
+    def calls(layer, variants) -> None:
         for buf in (x, logits, *outs):
             poison(buf)
         late_copy((8,), (256,), (x_src, x, cp.int64(x.nbytes), l_src, logits, cp.int64(logits.nbytes),
                                  cp.int64(100_000)))
-        layer.forward(x, logits, out=outs[0], path=path)
-        layer.forward(x2, l2, out=outs[1], path=path)
+        layer.forward(x, logits, out=outs[0], path=path, variants=variants)
+        layer.forward(x2, l2, out=outs[1], path=path, variants=variants)
 
-    assert case.layer.uses_pdl(case.layer.choose(T, path)) and not plain.uses_pdl(plain.choose(T, path))
-    cp.cuda.Device().synchronize()  # the inputs were written on the default stream
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        calls(plain)
-        want = [o.copy() for o in outs]
-        calls(case.layer)
-        got = [o.copy() for o in outs]
-        stream.begin_capture()
-        calls(case.layer)
-        graph = stream.end_capture()
-        for buf in (x, logits, *outs):
-            poison(buf)
-        graph.launch(stream)
-        replayed = [o.copy() for o in outs]
-    stream.synchronize()
-    for i, w in enumerate(want):
-        assert not bool(cp.isnan(from_act(w, case.spec.activation_dtype)).any()), f"call {i}: plain launches gave NaN"
-        cp.testing.assert_array_equal(got[i], w, err_msg=f"{path}, T = {T}, call {i}, eager")
-        cp.testing.assert_array_equal(replayed[i], w, err_msg=f"{path}, T = {T}, call {i}, graph replay")
+    int_dot = {f: grouped_family.INT_DOT_VARIANT for f in tuning.PATH_FAMILIES["grouped"]}
+    choices = [None] + ([int_dot] if path == "grouped" and all(
+        grouped_family.INT_DOT_VARIANT in case.layer.variants[f] for f in int_dot) else [])
+    for variants in choices:
+        assert (case.layer.uses_pdl(case.layer.choose(T, path, variants))
+                and not plain.uses_pdl(plain.choose(T, path, variants)))
+        cp.cuda.Device().synchronize()  # the inputs were written on the default stream
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            calls(plain, variants)
+            want = [o.copy() for o in outs]
+            calls(case.layer, variants)
+            got = [o.copy() for o in outs]
+            stream.begin_capture()
+            calls(case.layer, variants)
+            graph = stream.end_capture()
+            for buf in (x, logits, *outs):
+                poison(buf)
+            graph.launch(stream)
+            replayed = [o.copy() for o in outs]
+        stream.synchronize()
+        for i, w in enumerate(want):
+            where = f"{path}, {variants}, T = {T}, call {i}"
+            assert not bool(cp.isnan(from_act(w, case.spec.activation_dtype)).any()), f"{where}: plain gave NaN"
+            cp.testing.assert_array_equal(got[i], w, err_msg=f"{where}, eager")
+            cp.testing.assert_array_equal(replayed[i], w, err_msg=f"{where}, graph replay")
 
 
 def test_the_layer_allocates_the_scratch_scratch_shapes_lists_and_its_repr_states_it(case: Case) -> None:
