@@ -5,7 +5,8 @@ default), each on its own random input set (so each reads its own experts and th
 are not served from L2; under skewed routing each set also ranks the experts' popularity its
 own way, SKEW_PER_SET), are captured into one CUDA graph. The graph is replayed a few times
 to warm up, then timed replay by replay with CUDA events; each replay gives a per-forward
-time (replay time / R), and the median, p10, p90 and min are taken over the replays.
+time (replay time / R), and the median, p10, p90 and min are taken over the replays. The token
+counts run in ascending order, each count's routings one after the other.
 
 The floors are measured in the same run: the memory floor is the bytes of the distinct
 experts an input set routes to (GGUF bytes of gate, up and down), over the copy bandwidth of
@@ -924,6 +925,14 @@ def quick_check(layer: Any, x: Any, logits: Any, out: Any, ref: Any = None) -> t
 
 # --- GPU: timing ---------------------------------------------------------------------------------
 
+def bench_steps(routings: Sequence[str], tokens: Sequence[int]) -> list[tuple[str, int]]:
+    """The (routing, T) cases in the order they are timed: each token count's routings side by side. A case right
+    after a heavy one reads slow for a few hundred ms (mixtral T = 1 right after T = 4096: +4.5-10 %, and as much with
+    100 ms of warm-up replays; docs/perf-notes.md, fifty-eighth session); with every count of one routing and then the
+    other's, T = 1 skewed had come right after T = 4096 uniform."""
+    return [(r, T) for T in tokens for r in routings]
+
+
 def time_graph(calls: Callable[[], Any], per_call_count: int, stream: Any, replays: int,
                budget_s: float | None = None) -> np.ndarray:
     """Per-forward microseconds of each timed replay of `calls()` captured as one CUDA graph.
@@ -1113,7 +1122,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     ebytes = expert_bytes(spec)
     cases: list[Case] = []
     stats: list[RoutingStats] = []
-    steps = [(r, T) for r in options.routings for T in options.tokens]
+    steps = bench_steps(options.routings, options.tokens)
     for step, (routing, T) in enumerate(steps, 1):
         # Every array is made on the timing stream: CuPy's pool hands a block freed on one stream
         # to the next allocation on that stream at once, so an array made on the default stream

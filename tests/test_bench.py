@@ -255,6 +255,13 @@ def test_floors_and_rates_on_a_hand_made_example() -> None:
     assert fig.tflops == pytest.approx(300e9 / 900e-6 / 1e12)
 
 
+def test_each_token_count_is_timed_under_every_routing_before_the_next_count() -> None:
+    """No light case follows the heaviest one: T = 1 skewed comes right after T = 1 uniform, not after T = 4096."""
+    steps = bench.bench_steps(("uniform", "skewed"), (1, 8, 4096))
+    assert steps == [("uniform", 1), ("skewed", 1), ("uniform", 8), ("skewed", 8), ("uniform", 4096),
+                     ("skewed", 4096)]
+
+
 def test_timing_summary() -> None:
     s = bench.timing_summary(np.arange(1.0, 12.0))  # 1..11
     assert (s["median_us"], s["p10_us"], s["p90_us"], s["min_us"]) == (6.0, 2.0, 10.0, 1.0)
