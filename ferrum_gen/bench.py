@@ -6,7 +6,7 @@ are not served from L2; under skewed routing each set also ranks the experts' po
 own way, SKEW_PER_SET), are captured into one CUDA graph. The graph is replayed a few times
 to warm up, then timed replay by replay with CUDA events; each replay gives a per-forward
 time (replay time / R), and the median, p10, p90 and min are taken over the replays. The token
-counts run in ascending order, each count's routings one after the other.
+counts run in the order given (DEFAULT_TOKENS ascends), each count's routings one after the other.
 
 The floors are measured in the same run: the memory floor is the bytes of the distinct
 experts an input set routes to (GGUF bytes of gate, up and down), over the copy bandwidth of
