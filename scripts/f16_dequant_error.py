@@ -8,7 +8,8 @@ The model (it reproduced the GPU's grouped t8 error on the draw that failed, to 
 fifty-fourth session) follows GroupedQ4K::Dequant, which the stream kernels' Q4_K weights still use: each sub-block's
 scale d * sc and min dmin * m are rounded to f16, a weight is one f16 fma of its code with them, x is f16, products
 are summed in float32 or better, and a is rounded to f16. (Since the fifty-fifth session the grouped f16 gate+up of
-one block a warp applies the scales after the mma, the "scales after" form for gate+up.) Routing "one expert" (every token on experts 0..k-1 with logits k..1), as test_gpu's routed_inputs.
+one block a warp applies the scales after the mma, the "scales after" form for gate+up.) Routing "one expert"
+(every token on experts 0..k-1 with logits k..1), as test_gpu's routed_inputs.
 The forms:
   f16             the kernels' arithmetic;
   scale exact     the min applied apart exactly, each code times its f16 scale rounded to f16;

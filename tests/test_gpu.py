@@ -380,6 +380,8 @@ def test_grouped_kernels_match_reference(case: Case, T: int, rng) -> None:
 
 
 F16_UNIT_ROUNDOFF = 2.0 ** -11
+O1I_PAIR = {family: grouped_family.INT_DOT_VARIANT for family in tuning.PATH_FAMILIES["grouped"]}
+"""The grouped path with both kernels by integer dot products (o1i)."""
 
 
 @pytest.mark.parametrize("T", (1, 3, 8))
@@ -436,10 +438,9 @@ def test_o1i_down_after_o1i_gate_up_waits_for_its_pairs_count_even_after_a_cut_c
     launches (which wait for the grid), also after calls cut after gate+up, whose counts no down consumed (the
     router zeroes each call's)."""
     grouped_or_skip(case)
-    o1i = grouped_family.INT_DOT_VARIANT
-    variants = {"grouped_gate_up_silu": o1i, "grouped_down_combine": o1i}
+    variants = O1I_PAIR
     if any(case.layer.variant_refusal(f, v, T) for f, v in variants.items()):
-        pytest.skip(f"{o1i} does not serve {T} tokens of {case.spec.name}")
+        pytest.skip(f"{grouped_family.INT_DOT_VARIANT} does not serve {T} tokens of {case.spec.name}")
     plain = plain_launch_layer_or_skip(case, 16)
     assert case.layer.uses_pdl(case.layer.choose(T, "grouped", variants))
     dtype = case.spec.activation_dtype
@@ -508,8 +509,7 @@ def test_the_integer_dot_variant_gives_each_token_the_bits_it_gets_alone(case: C
     same bits as that token alone, under normal routing and with every token on the same experts
     (where the pairs of one expert each read its rows, and each row tile's combine waits for all)."""
     grouped_or_skip(case)
-    o1i = grouped_family.INT_DOT_VARIANT
-    variants = {"grouped_gate_up_silu": o1i, "grouped_down_combine": o1i}
+    variants = O1I_PAIR
     for routing, x, logits in routed_inputs(case, T, rng):
         together = case.run(x, logits, "grouped", variants).copy()
         for t in range(T):
@@ -770,9 +770,8 @@ def test_calls_launched_as_dependents_wait_for_the_kernels_before_them(case: Cas
         layer.forward(x, logits, out=outs[0], path=path, variants=variants)
         layer.forward(x2, l2, out=outs[1], path=path, variants=variants)
 
-    int_dot = {f: grouped_family.INT_DOT_VARIANT for f in tuning.PATH_FAMILIES["grouped"]}
-    choices = [None] + ([int_dot] if path == "grouped" and all(
-        grouped_family.INT_DOT_VARIANT in case.layer.variants[f] for f in int_dot) else [])
+    choices = [None] + ([O1I_PAIR] if path == "grouped" and all(
+        v in case.layer.variants[f] for f, v in O1I_PAIR.items()) else [])
     for variants in choices:
         assert (case.layer.uses_pdl(case.layer.choose(T, path, variants))
                 and not plain.uses_pdl(plain.choose(T, path, variants)))
