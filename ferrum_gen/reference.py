@@ -116,12 +116,20 @@ def expert_counts(ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def pick_block_size(
-    counts: np.ndarray, candidates: tuple[int, ...], padding_budget: float, override: int | None = None
+    counts: np.ndarray, candidates: tuple[int, ...], padding_budget: float, override: int | None = None,
+    pair: tuple[int, int, int] | None = None,
 ) -> int:
-    """The seed's rule: the override if given; else the largest candidate whose padded pair count
-    is within padding_budget x the real count; else (or with no pairs) the smallest candidate."""
+    """The seed's rule: the override if given; else, for a mixed stream variant's pair (small, large, the cost
+    of a large block in eighths of a small one: families/align.py pair_arg), large where its blocks at that cost
+    are no more than small's (small with no pairs); else the largest candidate whose padded pair count is
+    within padding_budget x the real count; else (or with no pairs) the smallest candidate."""
     if override is not None:
         return int(override)
+    if pair is not None:
+        small, large, eighths = pair
+        counts = np.asarray(counts, dtype=np.int64)
+        small_blocks, large_blocks = int((-(-counts // small)).sum()), int((-(-counts // large)).sum())
+        return int(large) if counts.sum() > 0 and large_blocks * eighths <= small_blocks * 8 else int(small)
     if not candidates:
         raise ValueError("pick_block_size needs at least one candidate block size")
     counts = np.asarray(counts, dtype=np.int64)

@@ -519,11 +519,17 @@ class MoeLayer:
             return 1
         if choice.path in ("decode", "grouped"):
             return 2 if self.routes_in_gate_up(choice) else 3
-        per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
+        if choice.path in tuning.LOCKSTEP_PATHS:  # a mixed variant's two kernels a family
+            family = tuning.PATH_FAMILIES[choice.path][0]
+            per_gemm = len(self.variants[family][choice.variants[family]])
+        else:
+            per_gemm = 1 if self._block_size(choice) else len(self.spec.prefill.block_sizes)
         convert_x = 1 if self.x_mma is not None else 0
         aligned_in_routing = self.settings.host_route or self.routes_and_aligns(tokens, choice)
         align = 0 if aligned_in_routing else 1 + (self._align_chunks(tokens) > 1)
-        return 1 + align + convert_x + 2 * per_gemm + 1
+        gather_x = 1 if choice.path in tuning.LOCKSTEP_PATHS and any(
+            kern.launch.get("y_by_row") for kern in self.variants["stream_down"][choice.variants["stream_down"]]) else 0
+        return 1 + align + convert_x + gather_x + 2 * per_gemm + 1
 
     # --- launching --------------------------------------------------------------
 
@@ -652,9 +658,9 @@ class MoeLayer:
                 elif routes_and_aligns:  # align's plan too: the align phase then launches nothing
                     self._launch(self.k_route_align, self._routing_grid(self.k_route_align, 1, sums), stream,
                                  dependent=self.uses_pdl(choice), logits=logits, ids=self.ids, weights=self.weights,
-                                 num_tokens=T, **sums, **self._align_outputs(block_size))
+                                 num_tokens=T, **sums, **self._align_outputs(choice))
                 elif host:
-                    self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, block_size)
+                    self._route_on_host(logits, T, choice.path in tuning.ALIGNED_PATHS, block_size, self._block_pair(choice))
                     if sums.get("num_sum_tokens"):  # the router for the sums alone
                         self._launch(self.k_router, self._routing_grid(self.k_router, 0, sums), stream,
                                      logits=logits, ids=self.ids, weights=self.weights, num_tokens=0,
@@ -762,9 +768,15 @@ class MoeLayer:
             gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
             down = [kern for kern in down if kern.launch["block_size"] == override]
         dependent = self.uses_pdl(choice)
-        # the stream variants whose gate+up reads x_sorted, which is y's buffer, and whose down therefore stores
-        # y by a's row (stream.y_by_row): gather_x writes x_sorted and pair_row, and the combine reads y by it
-        y_by_row = any(kern.launch.get("y_by_row") for kern in down)
+        # the block size of the stream variant whose gate+up reads x_sorted, which is y's buffer, and whose down
+        # therefore stores y by a's row (stream.y_by_row), else 0: gather_x writes x_sorted and pair_row (of a mixed
+        # variant: where align chose that size), and the combine then reads y by them
+        y_row_block = next((kern.launch["block_size"] for kern in down if kern.launch.get("y_by_row")), 0)
+        # a mixed stream variant (stream.MIXED_PAIRS): both block sizes' kernels, align picking one a call, launched
+        # small gate+up, small down, large gate+up, large down, so that the chosen gate+up is always followed by its
+        # down (which starts on the SMs its last tiles leave) and the other size's kernels return at once
+        # (stream.cuh): the small down runs in the gate+up phase
+        mixed = len(gate_up) > 1 and choice.path in tuning.LOCKSTEP_PATHS
 
         def align() -> None:
             if plan_ready:
@@ -774,33 +786,46 @@ class MoeLayer:
                 self._launch(self.k_align_count, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
                              counts=self.align_counts)
             self._launch(self.k_align, (chunks,), stream, dependent=dependent, ids=self.ids, num_pairs=P,
-                         counts=self.align_counts, **self._align_outputs(override))
+                         counts=self.align_counts, **self._align_outputs(choice))
+
+        def launch_gate_up(kern: Kernel, x_in: Any, second: bool) -> None:
+            if y_row_block and kern.launch["block_size"] == y_row_block:
+                kx = self.k_gather_x
+                grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
+                self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
+                             block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
+                             num_pairs=P, x_sorted=self.x_sorted, pair_row=self.pair_row,
+                             for_block=y_row_block if mixed else 0)
+            grid, smem = self._persistent_grid(kern, P)
+            self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
+                         block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
+                         num_pairs=P, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
+                         w_up_d=self.up.d, a=self.a_sorted, **self._stream_args(kern, claims=0, plan_ready=second))
+
+        def launch_down(kern: Kernel) -> None:
+            grid, smem = self._persistent_grid(kern, P)
+            self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
+                         block_a_row=self.block_a_row, plan=self.plan, w_down=self.down.data,
+                         w_down_d=self.down.d, y=self.y_pairs, sorted_ids=self.sorted_ids, num_pairs=P,
+                         **self._stream_args(kern, claims=1))
 
         def gemm_gate_up() -> None:
             x_in = xc
             if self.x_mma is not None:
                 x_in = self.x_mma[:T]
                 cp.copyto(x_in, xc)
-            if y_by_row:
-                kx = self.k_gather_x
-                grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
-                self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
-                             block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
-                             num_pairs=P, x_sorted=self.x_sorted, pair_row=self.pair_row)
+            if mixed:
+                (small_gate_up, large_gate_up), (small_down, _) = gate_up, down
+                launch_gate_up(small_gate_up, x_in, second=False)
+                launch_down(small_down)
+                launch_gate_up(large_gate_up, x_in, second=True)
+                return
             for kern in gate_up:
-                grid, smem = self._persistent_grid(kern, P)
-                self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
-                             block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
-                             num_pairs=P, w_gate=self.gate.data, w_gate_d=self.gate.d, w_up=self.up.data,
-                             w_up_d=self.up.d, a=self.a_sorted, **self._stream_args(kern, claims=0))
+                launch_gate_up(kern, x_in, second=False)
 
         def gemm_down() -> None:
-            for kern in down:
-                grid, smem = self._persistent_grid(kern, P)
-                self._launch(kern, (grid,), stream, smem, dependent, a=self.a_sorted, block_expert=self.block_expert,
-                             block_a_row=self.block_a_row, plan=self.plan, w_down=self.down.data,
-                             w_down_d=self.down.d, y=self.y_pairs, sorted_ids=self.sorted_ids, num_pairs=P,
-                             **self._stream_args(kern, claims=1))
+            for kern in down[1:] if mixed else down:
+                launch_down(kern)
 
         self._steps(stream, events, stop_after, [
             ("align", align),
@@ -808,7 +833,8 @@ class MoeLayer:
             ("down", gemm_down),
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
                                              dependent=dependent and T < COMBINE_PLAIN_FROM, y=self.y_pairs,
-                                             pair_row=self.pair_row, y_by_row=int(y_by_row),
+                                             pair_row=self.pair_row, plan=self.plan,
+                                             y_by_row=(y_row_block if mixed else 1) if y_row_block else 0,
                                              weights=self.weights, out=out_c)),
         ])
 
@@ -880,13 +906,15 @@ class MoeLayer:
         """CTAs that align (and align_count, when above 1) run with for `tokens`."""
         return align_family.cta_count(tokens * self.spec.top_k)
 
-    def _stream_args(self, kern: Kernel, claims: int) -> dict[str, Any]:
+    def _stream_args(self, kern: Kernel, claims: int, plan_ready: bool = False) -> dict[str, Any]:
         """block_ready and tile_claims (entry `claims` of the scratch: each kernel of a call counts its
-        own) for a kernel that takes them (the stream kernels), act_map for the down ones, and x_sums for
-        the gate+up ones of a spec with stream.x_sums; else nothing."""
+        own) for a kernel that takes them (the stream kernels), act_map for the down ones, x_sums for
+        the gate+up ones of a spec with stream.x_sums and plan_ready for the gate+up ones; else nothing."""
         if kern.uri not in self._stream_uris:
             return {}
         out = {"block_ready": self.block_ready, "tile_claims": self.tile_claims[claims:claims + 1]}
+        if any(name == "plan_ready" for name, _ in self._args[kern.uri]):
+            out["plan_ready"] = int(plan_ready)
         act_map = self._act_maps.get(kern.uri)
         if act_map is not None:
             out["act_map"] = act_map
@@ -906,9 +934,11 @@ class MoeLayer:
         return (choice.path in tuning.ALIGNED_PATHS and not self.settings.host_route
                 and tokens <= self.k_route_align.launch["max_tokens"])
 
-    def _align_outputs(self, block_size: int | None) -> dict[str, Any]:
-        """align's (and route_align's) block size override (_block_size; 0: the padding rule) and its outputs."""
-        return dict(block_size_override=block_size or 0, sorted_ids=self.sorted_ids,
+    def _align_outputs(self, choice: tuning.Choice) -> dict[str, Any]:
+        """align's (and route_align's) block size override (_block_size; 0: its rule), block pair (_block_pair; 0:
+        the padding rule) and outputs."""
+        return dict(block_size_override=self._block_size(choice) or 0, block_pair=self._block_pair(choice),
+                    sorted_ids=self.sorted_ids,
                     block_expert=self.block_expert, block_ready=self.block_ready, block_a_row=self.block_a_row,
                     plan=self.plan)
 
@@ -956,17 +986,29 @@ class MoeLayer:
         self._act_maps = self._make_act_maps()
 
     def _block_size(self, choice: tuning.Choice) -> int | None:
-        """The block size align must use for an aligned path's call, or None for its padding rule:
-        the stream kernels' own (their variant), else FERRUM_MOE_BLOCK_SIZE where set."""
+        """The block size align must use for an aligned path's call, or None for its rule (_block_pair's where it
+        gives one, else the padding rule): the stream kernels' own (their variant; None for a mixed one), else
+        FERRUM_MOE_BLOCK_SIZE where set."""
         if choice.path in tuning.LOCKSTEP_PATHS:
             family = tuning.PATH_FAMILIES[choice.path][0]
-            (kern,) = self.variants[family][choice.variants[family]]
-            return kern.launch["block_size"]
+            kernels = self.variants[family][choice.variants[family]]
+            return kernels[0].launch["block_size"] if len(kernels) == 1 else None
         return self.settings.block_size_override
 
-    def _route_on_host(self, logits: Any, T: int, aligned: bool, block_size: int | None) -> None:
+    def _block_pair(self, choice: tuning.Choice) -> int:
+        """align's block_pair for a mixed stream variant (families/align.py pair_arg), else 0."""
+        if choice.path not in tuning.LOCKSTEP_PATHS:
+            return 0
+        mixed = stream_family.mixed_variants(self.spec).get(choice.variants[tuning.PATH_FAMILIES[choice.path][0]])
+        if not mixed:
+            return 0
+        small, large, cost = mixed
+        sizes = stream_family.variant_block_sizes(self.spec)
+        return align_family.pair_arg(sizes[small], sizes[large], cost)
+
+    def _route_on_host(self, logits: Any, T: int, aligned: bool, block_size: int | None, block_pair: int = 0) -> None:
         """ids and weights from the logits on the host; for an aligned path also align's outputs,
-        with block_size (None: the padding rule's)."""
+        with block_size (None: block_pair's rule where given, else the padding rule's)."""
         cp = _cupy()
         spec = self.spec
         ids, w = reference.route_f32(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)
@@ -974,7 +1016,8 @@ class MoeLayer:
         self.weights[: T * spec.top_k].set(np.ascontiguousarray(w.reshape(-1), dtype=np.float32))
         if aligned:
             counts = reference.expert_counts(ids, spec.num_experts)
-            bs = reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget, block_size)
+            bs = reference.pick_block_size(counts, spec.prefill.block_sizes, spec.prefill.padding_budget, block_size,
+                                            align_family.unpack_pair_arg(block_pair) if block_pair else None)
             p = reference.align(ids, spec.num_experts, bs)
             self.sorted_ids[: p.num_padded].set(p.sorted_ids.astype(np.int32))
             self.block_expert[: len(p.block_expert)].set(p.block_expert.astype(np.int32))

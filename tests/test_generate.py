@@ -90,6 +90,11 @@ def test_one_name_per_kernel_file_symbol_and_manifest_entry(spec) -> None:
         assert k["launch"]["threads"] > 0 and k["args"]
 
 
+def stream_variant(k) -> str:
+    """A stream kernel's own variant: its variant, or for a kernel of a mixed variant the one it is built from."""
+    return k.launch.get("member", k.variant)
+
+
 def test_spec_expands_into_one_gemm_per_variant_and_block_size(spec) -> None:
     kernels = enumerate_kernels(spec)
     by_family: dict[str, list] = {}
@@ -100,7 +105,14 @@ def test_spec_expands_into_one_gemm_per_variant_and_block_size(spec) -> None:
             sizes = sorted(k.launch["block_size"] for k in by_family[fam] if k.variant == variant)
             assert sizes == list(spec.prefill.block_sizes)
     for fam in families_of(spec) - {"gemm_gate_up_silu", "gemm_down"}:
-        assert len({k.variant for k in by_family[fam]}) == len(by_family[fam])
+        single = [k for k in by_family[fam] if "mixed" not in k.launch]
+        assert len({k.variant for k in single}) == len(single)
+        for k in by_family[fam]:
+            if "mixed" in k.launch:  # a mixed stream variant: one kernel of each of its two variants' block sizes
+                members = [m for m in by_family[fam] if m.variant == k.variant]
+                parts = stream.variant_parts(k.variant)
+                sizes = stream.variant_block_sizes(spec)
+                assert [m.launch["block_size"] for m in members] == [sizes[v] for v in parts]
     for fam in ("router", "align_count", "align", "route_align", "combine"):
         assert len(by_family[fam]) == 1
     gate_up = by_family["gemv_gate_up_silu"][0]
@@ -191,7 +203,7 @@ def test_the_stream_variants_of_one_or_two_ctas_an_sm_refill_a_stage_early(spec)
     for k in enumerate_kernels(spec):
         if not k.family.startswith("stream_"):
             continue
-        refill = not k.variant.startswith("w") and k.launch["ctas_per_sm"] <= stream.REFILL_MAX_CTAS
+        refill = not stream_variant(k).startswith("w") and k.launch["ctas_per_sm"] <= stream.REFILL_MAX_CTAS
         assert k.values["REFILL"] == ("true" if refill else "false"), k.uri
         assert f"constexpr bool REFILL = {k.values['REFILL']};" in rendered[k.uri], k.uri
 
@@ -208,10 +220,10 @@ def test_the_wgmma_gate_up_kernels_store_a_in_their_downs_k_step_order(spec) -> 
     for k in enumerate_kernels(spec):
         if k.family != "stream_gate_up_silu":
             continue
-        wgmma = k.variant.startswith("w")
+        wgmma = stream_variant(k).startswith("w")
         assert k.values["A_IN_STEP_ORDER"] == ("true" if wgmma else "false"), k.uri
         assert tuple(k.values["A_CHUNKS"]) == (order if wgmma else tuple(range(32))), k.uri
-        columns = stream.a_columns(spec, k.variant)
+        columns = stream.a_columns(spec, stream_variant(k))
         if not wgmma:
             assert columns is None, k.uri
             continue
@@ -240,7 +252,7 @@ def test_wgmma_rings_hold_at_most_two_tiles_of_k_steps(spec) -> None:
     may be no deeper than two tiles' k-steps (stream.cuh static_asserts it): a shape with a single
     k-step (down at I = 256) gets a two-stage ring however much shared memory the arch has."""
     for k in enumerate_kernels(spec):
-        if k.family.startswith("stream_") and k.variant.startswith("w"):
+        if k.family.startswith("stream_") and stream_variant(k).startswith("w"):
             k_steps = (spec.hidden_size if k.family == "stream_gate_up_silu" else spec.intermediate_size) // 256
             for arch, stages in k.launch["stages"].items():
                 assert 2 <= stages <= 2 * k_steps, (k.uri, arch, stages)
@@ -257,7 +269,7 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
     for k in enumerate_kernels(spec):
         if k.family not in out_dims:
             continue
-        launch, wgmma = k.launch, k.variant.startswith("w")
+        launch, wgmma = k.launch, stream_variant(k).startswith("w")
         matrices = 2 if k.family == "stream_gate_up_silu" else 1
         assert launch["tile_n"] * launch["n_tiles"] == out_dims[k.family], k.uri
         warps = launch["tile_n"] // 16 * (matrices if wgmma else 1) + launch["producer_warps"]
@@ -276,7 +288,8 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
         assert ("act_map" in {a.name for a in k.args}) == maps_tokens, k.uri
         if matrices == 1:  # x_sorted is y's buffer: a down must not store y by pair under a gate+up reading it
             (gate_up,) = [g for g in enumerate_kernels(spec)
-                          if g.family == "stream_gate_up_silu" and g.variant == k.variant]
+                          if g.family == "stream_gate_up_silu" and g.variant == k.variant
+                          and stream_variant(g) == stream_variant(k)]
             assert launch["y_by_row"] == bool(gate_up.launch["token_map_rows"]), k.uri
         qt = spec.quant.gate if matrices == 2 else spec.quant.down
         static = stream.static_smem(qt, matrices, launch["tile_n"], launch["ctas_per_sm"], wgmma)
@@ -286,7 +299,7 @@ def test_stream_tiles_cover_the_rows_and_their_rings_fit_beside_each_other(spec)
             limit = SMEM_LIMIT[Arch(arch)] + stream.SMEM_RESERVED_PER_CTA
             assert launch["ctas_per_sm"] * per_cta <= limit, (k.uri, arch)
         if launch["ctas_per_sm"] == stream.CTAS_PER_SM[-1]:
-            assert k.variant.endswith(f"x{launch['ctas_per_sm']}") and launch["tile_n"] == 16 * stream.SMALL_WARPS
+            assert stream_variant(k).endswith(f"x{launch['ctas_per_sm']}") and launch["tile_n"] == 16 * stream.SMALL_WARPS
 
 
 def test_the_fused_kernels_rings_fit_and_give_each_slot_to_one_warp(spec) -> None:
@@ -306,7 +319,7 @@ def test_the_fused_kernels_rings_fit_and_give_each_slot_to_one_warp(spec) -> Non
         if geo is None:
             assert tokens > 1 and not mine and fused_moe.max_tokens(spec) < tokens
             continue
-        assert {k.variant for k in mine} == named and fused_moe.max_tokens(spec) >= tokens
+        assert {stream_variant(k) for k in mine} == named and fused_moe.max_tokens(spec) >= tokens
         warps, dn_warps = geo["warps"], geo["dn_warps"]
         dn_chunks = tokens * spec.top_k * spec.intermediate_size // 256
         assert geo["dn_chunks"] == dn_chunks and geo["gu_units"] == dn_chunks * 256 // 16
@@ -338,7 +351,7 @@ def test_wgmma_down_kernels_take_tall_tiles_up_to_96_tokens_a_block(spec) -> Non
     often as at 128) with a ring of at least two stages, on every shipped spec; w128's keeps 128, since
     17 warps leave too few registers for its accumulators."""
     for k in enumerate_kernels(spec):
-        if k.family == "stream_down" and k.variant.startswith("w"):
+        if k.family == "stream_down" and stream_variant(k).startswith("w"):
             tall = k.launch["block_size"] <= stream.WG_DOWN_TALL_MAX_BLOCK
             assert k.launch["tile_n"] == (stream.WG_DOWN_TALL_ROWS if tall else stream.ROWS), k.uri
             assert k.values["ROWS"] == k.launch["tile_n"], k.uri

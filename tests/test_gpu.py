@@ -254,6 +254,15 @@ def mins_apart(layer, variants: dict[str, str]) -> bool:
     return any(kern.launch.get("x_sums") for kern in layer.variants["stream_gate_up_silu"][variants["stream_gate_up_silu"]])
 
 
+def ran_variant(layer, variant: str) -> str:
+    """The stream variant whose kernels did the last call's work: `variant`, or the part of a mixed one whose block
+    size align chose (its plan)."""
+    parts = stream_family.variant_parts(variant)
+    sizes = stream_family.variant_block_sizes(layer.spec)
+    (ran,) = [v for v in parts if sizes[v] == int(layer.plan[1])]
+    return ran
+
+
 def a_rows_by_pair(layer, num_pairs: int):
     """The row of the layer's a_sorted that holds each pair's a after an aligned path (align's plan:
     a slot's row is its block's block_a_row plus its place in the block)."""
@@ -532,15 +541,14 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             out = case.run(x, logits, "stream", variants)
             ref_out, ref_a, ref_y, _, _ = case.reference(x, logits)
             where = (variants, routing)
-            assert int(case.layer.plan[1]) == case.layer.variants["stream_down"][variants["stream_down"]][0].launch[
-                "block_size"], where
+            ran = ran_variant(case.layer, variants["stream_down"])
             a = case.layer.a_sorted[a_rows_by_pair(case.layer, P)]
-            stored = stream_family.a_columns(spec, variants["stream_down"])
+            stored = stream_family.a_columns(spec, ran)
             if stored is not None:  # the wgmma variants keep a's columns in their down kernel's k-step order
                 a = a[:, cp.asarray(stored)]
             assert rel_err(from_act(a, spec.activation_dtype), ref_a) <= tol, where
             y_rows = cp.arange(P)
-            if stream_family.y_by_row(spec, variants["stream_down"]):  # y in x_sorted's buffer, by a's row
+            if stream_family.y_by_row(spec, ran):  # y in x_sorted's buffer, by a's row
                 y_rows = a_rows_by_pair(case.layer, P)
                 cp.testing.assert_array_equal(case.layer.pair_row[:P], y_rows, err_msg=f"{where}: pair_row")
             assert rel_err(from_act(case.layer.y_pairs[y_rows], spec.activation_dtype), ref_y) <= tol, where
@@ -550,7 +558,7 @@ def test_stream_kernels_match_reference(case: Case, T: int, rng) -> None:
             cp.testing.assert_array_equal(case.layer.block_ready[:blocks], spec.intermediate_size,
                                           err_msg=f"{where}: block_ready")
             x_stored = stream_family.x_columns(spec)
-            if x_stored is not None and variants["stream_gate_up_silu"].startswith("w"):  # gather_x: exact copies
+            if x_stored is not None and ran.startswith("w"):  # gather_x: exact copies
                 case.run(x, logits, "stream", variants, stop_after="gate_up_silu")  # before down overwrites them
                 rows = case.layer.x_sorted[a_rows_by_pair(case.layer, P)][:, cp.asarray(x_stored)]
                 assert bool((rows == x[cp.arange(P) // spec.top_k]).all()), f"{where}: x_sorted"
@@ -587,14 +595,46 @@ def test_stream_path_is_deterministic_and_every_block_size_gives_the_same_bits(c
     x, logits = case.inputs(T, rng)
     by_form: dict[tuple[str, bool], list] = {}
     for variants in variant_sets(case.layer, "stream"):
-        outs = by_form.setdefault((variants["stream_down"][0], mins_apart(case.layer, variants)), [])
-        outs.append(case.run(x, logits, "stream", variants).copy())
+        first = case.run(x, logits, "stream", variants).copy()
+        ran = ran_variant(case.layer, variants["stream_down"])
+        outs = by_form.setdefault((ran[0], mins_apart(case.layer, {f: ran for f in variants})), [])
+        outs.append(first)
         outs.append(case.run(x, logits, "stream", variants).copy())
     pre = from_act(case.run(x, logits, "prefill"), dtype)
     for outs in by_form.values():
         for other in outs[1:]:
             cp.testing.assert_array_equal(other, outs[0])
         assert rel_err(pre, from_act(outs[0], dtype)) <= LAYER_TOL[dtype]
+
+
+@pytest.mark.parametrize("T", (33, 300, 513))
+def test_a_mixed_stream_variant_runs_the_block_size_its_rule_picks_with_that_variants_bits(case: Case, T: int,
+                                                                                          rng) -> None:
+    """A mixed variant (stream.MIXED_PAIRS) launches both block sizes' kernels and align picks one a call by the
+    pair's rule (reference.pick_block_size): under normal routing and with every token on the same experts, its
+    plan is the rule's, and its output and a are bit for bit those of the picked variant alone; the other
+    size's kernels leave nothing behind (claim counts at zero)."""
+    path_or_skip(case, "stream")
+    mixed = {name: pair for name, pair in stream_family.mixed_variants(case.spec).items()
+             if name in case.layer.variants["stream_down"]}
+    if not mixed:
+        pytest.skip(f"{case.spec.name}: no mixed stream variant on this card")
+    P = T * case.spec.top_k
+    for name, (small, large, cost) in mixed.items():
+        for routing, x, logits in routed_inputs(case, T, rng):
+            where = (name, routing)
+            out = case.run(x, logits, "stream", {f: name for f in tuning.PATH_FAMILIES["stream"]}).copy()
+            counts = reference.expert_counts(cp.asnumpy(case.layer.ids[:P]).reshape(T, -1), case.spec.num_experts)
+            sizes = stream_family.variant_block_sizes(case.spec)
+            want_bs = reference.pick_block_size(counts, (), 0.0, None, (sizes[small], sizes[large], round(cost * 8)))
+            assert int(case.layer.plan[1]) == want_bs, where
+            ran = ran_variant(case.layer, name)
+            a = case.layer.a_sorted[a_rows_by_pair(case.layer, P)].copy()
+            assert not bool(case.layer.tile_claims.any()), f"{where}: a tile claim count was not reset"
+            alone = case.run(x, logits, "stream", {f: ran for f in tuning.PATH_FAMILIES["stream"]})
+            cp.testing.assert_array_equal(out, alone, err_msg=f"{where}: output against {ran} alone")
+            cp.testing.assert_array_equal(a, case.layer.a_sorted[a_rows_by_pair(case.layer, P)],
+                                          err_msg=f"{where}: a against {ran} alone")
 
 
 def test_stream_path_with_host_routing_matches_device_routing(case: Case, rng) -> None:

@@ -1,20 +1,26 @@
 """nvcc compiles every shipped spec's generated CUDA: sm_90 for every spec, every target arch
 for qwen3moe. CI has nvcc 13.0 and no GPU; without nvcc these tests fail and say why
-(FERRUM_SKIP_NVCC=1 turns that into a visible skip, for machines known to lack it)."""
+(FERRUM_SKIP_NVCC=1 turns that into a visible skip, for machines known to lack it). On sm_90 the
+machine code (cuobjdump, from the dev extras) is read for what the source cannot show: which loads
+ptxas issues before a kernel's griddepcontrol.wait."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ferrum_gen.compile import ARCH_SPECIFIC
-from ferrum_gen.render import write_bundle
-from ferrum_gen.spec import Arch, load_spec, shipped_spec_names
+from ferrum_gen.families.base import Arg
+from ferrum_gen.render import render_spec, write_bundle
+from ferrum_gen.spec import Arch, MoeSpec, load_spec, shipped_spec_names
 
 pytestmark = pytest.mark.nvcc
 
@@ -47,17 +53,140 @@ def _compile(nvcc: str, source: Path, arch: str, out_dir: Path) -> tuple[Path, i
     return source, proc.returncode, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(("spec_name", "arch"), CASES, ids=[f"{s}-{a}" for s, a in CASES])
-def test_generated_cuda_compiles_with_nvcc(spec_name: str, arch: str, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Compiled:
+    spec: MoeSpec
+    arch: str
+    out_dir: Path
+    sources: list[Path]
+    failures: list[str]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-{a}" for s, a in CASES])
+def compiled(request, tmp_path_factory) -> Compiled:
+    """A spec's bundle written and compiled once for both tests of its case."""
+    spec_name, arch = request.param
     nvcc = _nvcc()
     spec = load_spec(spec_name)
     assert arch in {a.value for a in spec.target_archs}
-    bundle = write_bundle(spec, tmp_path)
+    out_dir = tmp_path_factory.mktemp(f"{spec_name}-{arch}")
+    bundle = write_bundle(spec, out_dir)
     sources = sorted(bundle.glob("*.cu"))
     assert sources
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(lambda s: _compile(nvcc, s, arch, tmp_path), sources))
+        results = list(pool.map(lambda s: _compile(nvcc, s, arch, out_dir), sources))
     failures = [f"{src.name} ({arch}): exit {rc}\n{log}" for src, rc, log in results if rc != 0]
-    assert not failures, "\n\n".join(failures)
-    for src in sources:
-        assert (tmp_path / (src.stem + ".cubin")).stat().st_size > 0
+    return Compiled(spec, arch, out_dir, sources, failures)
+
+
+def test_generated_cuda_compiles_with_nvcc(compiled: Compiled) -> None:
+    assert not compiled.failures, "\n\n".join(compiled.failures)
+    for src in compiled.sources:
+        assert (compiled.out_dir / (src.stem + ".cubin")).stat().st_size > 0
+
+
+ALIGN_OUTPUTS = frozenset({"sorted_ids", "block_expert", "block_a_row", "plan"})
+AFTER_ALIGN_FAMILIES = frozenset({"stream_down", "gemm_down", "combine"})
+"""The kernels that read align's outputs and start only once align is done (the gate+up kernel ahead of them
+lets its dependents launch after its own wait), and so may read them before their own wait."""
+
+
+def test_align_outputs_are_loaded_after_the_wait_where_align_may_still_write_them(compiled: Compiled) -> None:
+    """gather_x and the gate+up kernels may start while align still writes its plan (programmatic dependent
+    launch), so they must load align's outputs only after griddepcontrol.wait. Through a const __restrict__
+    pointer the loads are ld.global.nc, which ptxas may issue before the wait (it did for gather_x's plan):
+    these arguments are declared written ahead, and the machine code is checked for any load through them,
+    or through an address computed from them, ahead of the wait."""
+    if compiled.arch != Arch.SM_90.value:
+        pytest.skip("griddepcontrol.wait is sm_90's: no dependent launches on the other archs")
+    assert not compiled.failures, "the bundle does not compile (test_generated_cuda_compiles_with_nvcc)"
+    cuobjdump = _cuobjdump()
+    checked, early = [], []
+    rendered_all = render_spec(compiled.spec)
+    for rendered in rendered_all:
+        kern = rendered.kernel
+        ahead = [a for a in kern.args if a.name in ALIGN_OUTPUTS and a.ctype.startswith("const ")]
+        if not ahead or kern.family in AFTER_ALIGN_FAMILIES:
+            continue
+        restricted = [a.name for a in ahead if not a.written_ahead]
+        assert not restricted, f"{kern.uri}: {restricted} not declared written ahead (families/base.py Arg)"
+        sass = subprocess.run([cuobjdump, "-sass", str(compiled.out_dir / f"{kern.uri}.cubin")],
+                              capture_output=True, text=True, check=True).stdout
+        if "ACQBULK" not in sass:  # launched plainly (no wait): the stream order already holds
+            continue
+        checked.append(kern.uri)
+        # a mixed variant's second gate+up reads the plan before its wait where plan_ready says it is complete
+        names = ALIGN_OUTPUTS - ({"plan"} if any(a.name == "plan_ready" for a in kern.args) else set())
+        early += [f"{kern.uri}: {load}" for load in loads_before_wait(sass, param_offsets(kern.args, names))]
+    assert not early, "loads of align's outputs ahead of griddepcontrol.wait:\n" + "\n".join(early)
+    if any(r.kernel.family == "stream_gate_up_silu" for r in rendered_all):
+        assert any("stream_gate_up_silu" in uri for uri in checked), "no stream gate+up kernel waits: nothing checked"
+
+
+PARAM_BASE = 0x210
+"""Where sm_90 kernels' parameters start in constant bank 0."""
+
+
+def param_offsets(args: tuple[Arg, ...], names: frozenset[str]) -> dict[int, str]:
+    """Constant-bank offsets of the named arguments (pointers 8 bytes, ints 4, each aligned to its size)."""
+    offsets, at = {}, PARAM_BASE
+    for arg in args:
+        size = 8 if arg.ctype.endswith("*") else 4
+        assert arg.ctype.endswith("*") or arg.ctype == "int", f"{arg}: size unknown here"
+        at = -(-at // size) * size
+        if arg.name in names:
+            offsets[at] = arg.name
+        at += size
+    return offsets
+
+
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)\s*([^;]*);")
+_REGISTER = re.compile(r"\bU?R\d+\b")
+_PARAM = re.compile(r"c\[0x0\]\[(0x[0-9a-f]+)\]")
+
+
+def loads_before_wait(sass: str, params: dict[int, str]) -> list[str]:
+    """Global loads, before the first ACQBULK (griddepcontrol.wait) in program order, whose address derives from
+    one of `params` (by constant-bank offset): registers loaded from those parameters taint every register
+    an instruction writes from them."""
+    tainted: dict[str, str] = {}
+    found = []
+    for op, operands in ((m.group(2), m.group(3)) for m in _INSTRUCTION.finditer(sass)):
+        if op == "ACQBULK":
+            return found
+        regs = _REGISTER.findall(operands)
+        if op.startswith("LDG") and not op.startswith(("LDGSTS", "LDGDEPBAR")):
+            address = operands[operands.index("["):] if "[" in operands else ""
+            sources = {tainted[r] for r in _REGISTER.findall(address) if r in tainted}
+            if sources:
+                found.append(f"{op} {operands}  (from {', '.join(sorted(sources))})")
+        first = operands.split(",")[0].strip()
+        if not _REGISTER.fullmatch(first):  # no register written (a predicate, a store's address)
+            continue
+        dst, srcs = first, regs[1:]
+        param = _PARAM.search(operands)
+        names = {tainted[r] for r in srcs if r in tainted}
+        if param and int(param.group(1), 16) in params:
+            names.add(params[int(param.group(1), 16)])
+        wide = ".64" in op or "WIDE" in op  # a register pair: dst and the next one
+        for reg in [dst, re.sub(r"\d+$", lambda n: str(int(n.group()) + 1), dst)] if wide else [dst]:
+            if names:
+                tainted[reg] = ", ".join(sorted(names))
+            else:
+                tainted.pop(reg, None)
+    return found
+
+
+def _cuobjdump() -> str:
+    """cuobjdump from the nvidia-cuda-cuobjdump wheel (the dev extras; it runs nvdisasm, from its wheel, beside
+    it), else the CUDA toolkit's."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else []):
+        for candidate in sorted(Path(root).glob("cu*/bin/cuobjdump")):
+            return str(candidate)
+    found = shutil.which("cuobjdump") or next(
+        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.path.exists(p)), None)
+    if found is None:
+        pytest.fail("cuobjdump not found: install the dev extras (pip install -e '.[dev]' brings "
+                    "nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm)")
+    return found

@@ -17,10 +17,25 @@ def cta_count(num_pairs: int) -> int:
     return max(1, -(-num_pairs // PAIRS_PER_CTA))
 
 
-PLAN_ARGS = (Arg("block_size_override", "int"), Arg("sorted_ids", "int*"), Arg("block_expert", "int*"),
-             Arg("block_ready", "int*"), Arg("block_a_row", "int*"), Arg("plan", "int*"))
-"""The block size override (0: the padding rule) and align's outputs, as the kernels that make the plan (align,
-route_align) take them."""
+PLAN_ARGS = (Arg("block_size_override", "int"), Arg("block_pair", "int"), Arg("sorted_ids", "int*"),
+             Arg("block_expert", "int*"), Arg("block_ready", "int*"), Arg("block_a_row", "int*"), Arg("plan", "int*"))
+"""The block size override (0: the padding rule, or block_pair's where that is not 0: pair_arg) and align's outputs,
+as the kernels that make the plan (align, route_align) take them."""
+
+
+def pair_arg(small: int, large: int, cost: float) -> int:
+    """align's block_pair for a mixed stream variant (families/stream.py MIXED_PAIRS): align picks `large` where the
+    call's blocks of it, each counted `cost` blocks of `small` (rounded to eighths), are no more than its blocks of
+    `small` (align.cuh.j2; reference.pick_block_size mirrors it)."""
+    eighths = round(cost * 8)
+    if not (0 < small < large < 256 and 0 < eighths < 2 ** 14):
+        raise ValueError(f"block pair ({small}, {large}) at cost {cost}: need 0 < small < large < 256 and 0 < cost < 2048")
+    return small | large << 8 | eighths << 16
+
+
+def unpack_pair_arg(block_pair: int) -> tuple[int, int, int]:
+    """(small, large, cost in eighths) of a pair_arg."""
+    return block_pair & 0xFF, (block_pair >> 8) & 0xFF, block_pair >> 16
 
 
 def plan_tag(spec: MoeSpec) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..quant import QK_K, QuantType, layout
@@ -24,11 +24,20 @@ ARCH_NUMBER = {Arch.SM_80: 800, Arch.SM_86: 860, Arch.SM_89: 890, Arch.SM_90: 90
 class Arg:
     name: str
     ctype: str
+    written_ahead: bool = False
+    """A kernel ahead of this one in the stream may still be writing it when this one starts (programmatic
+    dependent launch: this kernel reads it only after its grid_wait). Such a pointer is not __restrict__: through
+    a const __restrict__ pointer the loads are ld.global.nc, data the kernel may take as fixed for its whole run,
+    and ptxas may then issue them before griddepcontrol.wait (it did so for gather_x's plan loads once its code
+    changed: docs/perf-notes.md, sixty-first session). Plain loads stay behind the wait."""
 
     @property
     def declaration(self) -> str:
-        """The parameter as the kernel declares it: pointers are __restrict__ (no argument aliases another)."""
-        return f"{self.ctype} __restrict__ {self.name}" if self.ctype.endswith("*") else f"{self.ctype} {self.name}"
+        """The parameter as the kernel declares it: pointers are __restrict__ (no argument aliases another),
+        except those written ahead."""
+        if not self.ctype.endswith("*"):
+            return f"{self.ctype} {self.name}"
+        return f"{self.ctype} {self.name}" if self.written_ahead else f"{self.ctype} __restrict__ {self.name}"
 
 
 GATE_UP_WEIGHTS = (Arg("w_gate", "const u8*"), Arg("w_gate_d", "const __half*"),
@@ -40,7 +49,12 @@ DOWN_WEIGHTS = (Arg("w_down", "const u8*"), Arg("w_down_d", "const __half*"))
 ALIGNED_PLAN = (Arg("sorted_ids", "const int*"), Arg("block_expert", "const int*"), Arg("block_a_row", "const int*"),
                 Arg("plan", "const int*"), Arg("num_pairs", "int"))
 """align's outputs, as every kernel over its blocks takes them: which slots are real, each block's
-expert, and the row of a that holds its first slot (a has a row per real slot, no padding rows)."""
+expert, and the row of a that holds its first slot (a has a row per real slot, no padding rows).
+As the down kernels take them: complete before they start (the gate+up kernel ahead of them lets them
+launch only after its own wait), so they may read them before their own wait."""
+ALIGNED_PLAN_WRITTEN_AHEAD = tuple(replace(a, written_ahead=a.ctype.endswith("*")) for a in ALIGNED_PLAN)
+"""align's outputs as gather_x and the gate+up kernels take them: align may still be writing them when
+these start (align lets its dependents launch before it writes, and gather_x before its own wait)."""
 
 
 PAIR_ROW = Arg("pair_row", "int*")
@@ -51,7 +65,8 @@ gather_x kernel, read by the combine."""
 def aligned_gate_up_args(dtype: ActivationDtype) -> tuple[Arg, ...]:
     """The arguments of a gate+up kernel over align's blocks (prefill GEMM, stream): x in the
     tensor-core type, the plan, the weights, and a in sorted order (real slots only)."""
-    return (Arg("x", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN, *GATE_UP_WEIGHTS, Arg("a", f"{MMA_CTYPE[dtype]}*"))
+    return (Arg("x", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN_WRITTEN_AHEAD, *GATE_UP_WEIGHTS,
+            Arg("a", f"{MMA_CTYPE[dtype]}*"))
 
 
 def aligned_down_args(dtype: ActivationDtype) -> tuple[Arg, ...]:

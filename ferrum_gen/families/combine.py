@@ -27,7 +27,8 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
                     "ACT_T": ACT_CTYPE[dtype]},
             args=(
                 Arg("y", f"const {ACT_CTYPE[dtype]}*"),
-                Arg("pair_row", "const int*"),  # read only where y_by_row is set
+                Arg("pair_row", "const int*"),  # read only where y is by row
+                Arg("plan", "const int*"),  # read only where y_by_row is not 0
                 Arg("y_by_row", "int"),
                 Arg("weights", "const float*"),
                 Arg("out", f"{ACT_CTYPE[dtype]}*"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..quant import QuantType
 from ..spec import MoeSpec
-from .base import ALIGNED_PLAN, MMA_CTYPE, PAIR_ROW, THREADS_PER_WARP, Arg, KernelSpec
+from .base import ALIGNED_PLAN_WRITTEN_AHEAD, MMA_CTYPE, PAIR_ROW, THREADS_PER_WARP, Arg, KernelSpec
 from .stream import chunk_order, sorted_x
 
 THREADS = 256
@@ -25,8 +25,8 @@ def kernels(spec: MoeSpec) -> list[KernelSpec]:
             template="gather_x.cu.j2",
             values={"H": spec.hidden_size, "K_TOP": spec.top_k, "THREADS": THREADS, "MMA_T": MMA_CTYPE[dtype],
                     "CHUNKS": chunk_order(QuantType.Q4_K)},
-            args=(Arg("x", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN, Arg("x_sorted", f"{MMA_CTYPE[dtype]}*"),
-                  PAIR_ROW),
+            args=(Arg("x", f"const {MMA_CTYPE[dtype]}*"), *ALIGNED_PLAN_WRITTEN_AHEAD,
+                  Arg("x_sorted", f"{MMA_CTYPE[dtype]}*"), PAIR_ROW, Arg("for_block", "int")),
             launch={"threads": THREADS, "grid": "min(ceil(pairs / warps a CTA), ctas_per_sm x SMs)",
                     "warps": THREADS // THREADS_PER_WARP, "ctas_per_sm": CTAS_PER_SM, "smem_bytes": 0},
         )

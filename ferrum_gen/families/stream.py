@@ -14,6 +14,8 @@ gate+up): the runtime has align use the variant's size.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..quant import QK_K, QuantType
 from ..spec import ActivationDtype, Arch, MoeSpec
 from .base import (
@@ -201,10 +203,35 @@ def _wgmma_variants(spec: MoeSpec) -> list[int]:
     return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}]
 
 
+MIXED_PAIRS = (("b32x2", "w64", 1.125),)
+"""Mixed variants (small, large, cost): both kernels of each family launched, and align picking the block size a
+call (families/align.py pair_arg): large where its blocks, each counted `cost` blocks of small, are no more than
+small's. Each block streams its expert's weights once, so under skewed routing (experts of many pairs) the large
+size reads them fewer times, and under uniform routing (experts of fewer pairs than a small block) the small
+kernel, the faster one a block, runs. On an H200 at qwen3moe T = 257-352, b32x2 was 7-11 % faster than w64 under
+uniform routing and w64 14-18 % faster under skewed; a w64 block cost ~1.1 b32x2 blocks (docs/perf-notes.md)."""
+MIXED_SEPARATOR = "+"
+
+
+def mixed_variants(spec: MoeSpec) -> dict[str, tuple[str, str, float]]:
+    """name ("small+large") -> MIXED_PAIRS entry, for the pairs whose two variants the spec has (each a variant of
+    both stream families, with two kernels: _mixed_kernels)."""
+    have = {k.variant for k in gate_up_kernels(spec)}
+    return {f"{small}{MIXED_SEPARATOR}{large}": (small, large, cost) for small, large, cost in MIXED_PAIRS
+            if small in have and large in have}
+
+
+def variant_parts(variant: str) -> tuple[str, ...]:
+    """The variants whose kernels a stream variant launches: itself, or a mixed variant's two."""
+    return tuple(variant.split(MIXED_SEPARATOR))
+
+
 def variant_block_sizes(spec: MoeSpec) -> dict[str, int]:
-    """The block size (align's override) of each stream variant; both families have the same
-    variants, which the tables and the runtime take in lockstep."""
-    return {k.variant: k.launch["block_size"] for k in gate_up_kernels(spec)}
+    """The block size (align's override) of each stream variant, and of each mixed variant the larger
+    of its two (the most align may pad to); both families have the same variants, which the tables and
+    the runtime take in lockstep."""
+    sizes = {k.variant: k.launch["block_size"] for k in gate_up_kernels(spec) if "mixed" not in k.launch}
+    return {**sizes, **{name: sizes[large] for name, (_, large, _) in mixed_variants(spec).items()}}
 
 
 def default_variant(spec: MoeSpec) -> tuple[int, int]:
@@ -344,7 +371,8 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "SMEM_ALIGN": SWIZZLE_ALIGN if wg and (matrices == 1 or qt is QuantType.Q4_K) else TMA_ALIGN,
                     "SORTED_X": "true" if wg and sorted_tokens else "false",
                     "MINS_APART": "true" if apart else "false",
-                    "Y_BY_ROW": "true" if y_by_row(spec, variant) else "false", "STAGES_BY_ARCH": by_arch},
+                    "Y_BY_ROW": "true" if y_by_row(spec, variant) else "false", "STAGES_BY_ARCH": by_arch,
+                    "MIXED": "false", "PLAN_READY": "false"},
             args=args,
             launch={"threads": threads,
                     "grid": "min(tiles for the largest plan, resident CTAs)", "block_size": bs, "tile_n": rows,
@@ -355,6 +383,28 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
                     "stages": stages,
                     "smem_bytes": {a: s * stage for a, s in stages.items()}},
         ))
+    return out + _mixed_kernels(spec, out, family, quant_name, matrices)
+
+
+def _mixed_kernels(spec: MoeSpec, kernels: list[KernelSpec], family: str, quant_name: str,
+                   matrices: int) -> list[KernelSpec]:
+    """The kernels of each mixed variant (MIXED_PAIRS) whose two variants the spec has: a copy of each, small first
+    (the runtime launches them in this order), built with MIXED (templates/stream.cuh.j2: a kernel of the size align
+    did not choose returns at once), its gate+up taking plan_ready. The other variants' kernels are built without it,
+    so their code is what it was before mixed variants existed."""
+    by_variant = {k.variant: k for k in kernels}
+    out = []
+    for small, large, _ in MIXED_PAIRS:
+        if small not in by_variant or large not in by_variant:
+            continue
+        name = f"{small}{MIXED_SEPARATOR}{large}"
+        for member, other in ((small, large), (large, small)):
+            k = by_variant[member]
+            out.append(dataclasses.replace(
+                k, uri=k.uri.replace(f"_{member}_", f"_{member}_mix_{other}_", 1), variant=name, default=False,
+                values={**k.values, "MIXED": "true", "PLAN_READY": "plan_ready != 0" if matrices == 2 else "false"},
+                args=(*k.args, PLAN_READY) if matrices == 2 else k.args,
+                launch={**k.launch, "mixed": name, "member": member}))
     return out
 
 
@@ -366,6 +416,9 @@ ignored elsewhere."""
 BLOCK_READY = Arg("block_ready", "int*")
 """Rows of a stored, by aligned block (zeroed by align): gate+up adds each tile's rows, down waits for
 a block's I rows before it reads them (templates/stream.cuh.j2)."""
+PLAN_READY = Arg("plan_ready", "int")
+"""1 where align's plan is complete before the gate+up kernel starts (the second gate+up kernel of a mixed variant:
+runtime.py), so that a kernel of the block size align did not choose returns without waiting (templates/stream.cuh.j2)."""
 TILE_CLAIMS = Arg("tile_claims", "int*")
 """The kernel's count of tiles claimed at run time (the wgmma variants; one int a kernel, zero between
 calls: the call's last claim zeroes it; templates/stream.cuh.j2). Ignored by the mma.sync variants."""

@@ -585,7 +585,7 @@ static_assert(NI % 32 == 0 && I % NI == 0, "tile width");
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-gemm_gate_up_silu_q4_k_bs64_n64_h2048_i768_e128_k8_bf16(const __nv_bfloat16* __restrict__ x, const int* __restrict__ sorted_ids, const int* __restrict__ block_expert, const int* __restrict__ block_a_row, const int* __restrict__ plan, int num_pairs, const u8* __restrict__ w_gate, const __half* __restrict__ w_gate_d, const u8* __restrict__ w_up, const __half* __restrict__ w_up_d, __nv_bfloat16* __restrict__ a) {
+gemm_gate_up_silu_q4_k_bs64_n64_h2048_i768_e128_k8_bf16(const __nv_bfloat16* __restrict__ x, const int* sorted_ids, const int* block_expert, const int* block_a_row, const int* plan, int num_pairs, const u8* __restrict__ w_gate, const __half* __restrict__ w_gate_d, const u8* __restrict__ w_up, const __half* __restrict__ w_up_d, __nv_bfloat16* __restrict__ a) {
   if (plan[1] != BS) return;
   extern __shared__ __align__(16) u8 smem[];
   mt* As = reinterpret_cast<mt*>(smem);                    // [STAGES][BS][LDS]
