@@ -86,41 +86,51 @@ def test_generated_cuda_compiles_with_nvcc(compiled: Compiled) -> None:
 
 
 ALIGN_OUTPUTS = frozenset({"sorted_ids", "block_expert", "block_a_row", "plan"})
-AFTER_ALIGN_FAMILIES = frozenset({"stream_down", "gemm_down", "combine"})
-"""The kernels that read align's outputs and start only once align is done (the gate+up kernel ahead of them
-lets its dependents launch after its own wait), and so may read them before their own wait."""
+READ_BEFORE_WAIT = {"stream_down": ALIGN_OUTPUTS, "gemm_down": ALIGN_OUTPUTS,
+                    "grouped_down_combine": frozenset({"ids", "weights"})}
+"""What a family may load before its wait on purpose: the downs start only once the gate+up kernel ahead of
+them has passed its own wait, so align (and the router) are done by then."""
+STARTS_BEFORE_ALIGN_ENDS = frozenset({"gather_x", "stream_gate_up_silu", "gemm_gate_up_silu"})
 
 
-def test_align_outputs_are_loaded_after_the_wait_where_align_may_still_write_them(compiled: Compiled) -> None:
-    """gather_x and the gate+up kernels may start while align still writes its plan (programmatic dependent
-    launch), so they must load align's outputs only after griddepcontrol.wait. Through a const __restrict__
-    pointer the loads are ld.global.nc, which ptxas may issue before the wait (it did for gather_x's plan):
-    these arguments are declared written ahead, and the machine code is checked for any load through them,
-    or through an address computed from them, ahead of the wait."""
+def test_kernels_load_what_a_kernel_ahead_hands_them_only_after_the_wait(compiled: Compiled) -> None:
+    """A kernel launched as a programmatic dependent may start while the kernels ahead of it still write what they
+    hand it (align lets its dependents launch before it writes the plan, gather_x before its own wait, the router
+    before it writes ids). Through a const __restrict__ pointer the loads are ld.global.nc, which ptxas may issue
+    before griddepcontrol.wait (it did for gather_x's plan loads, and graph replays read the last call's plan).
+    So the machine code of every sm_90 kernel that waits is checked for loads, ahead of its first wait, through
+    an argument another kernel of the bundle writes or an address computed from one (READ_BEFORE_WAIT excepted);
+    and align's outputs, in the kernels that may start before align ends, are declared written ahead (plain
+    pointers, whose loads ptxas keeps behind the wait)."""
     if compiled.arch != Arch.SM_90.value:
         pytest.skip("griddepcontrol.wait is sm_90's: no dependent launches on the other archs")
     assert not compiled.failures, "the bundle does not compile (test_generated_cuda_compiles_with_nvcc)"
     cuobjdump = _cuobjdump()
-    checked, early = [], []
     rendered_all = render_spec(compiled.spec)
+    written = {a.name for r in rendered_all for a in r.kernel.args
+               if a.ctype.endswith("*") and not a.ctype.startswith("const ")}
+    checked, early = [], []
     for rendered in rendered_all:
         kern = rendered.kernel
-        ahead = [a for a in kern.args if a.name in ALIGN_OUTPUTS and a.ctype.startswith("const ")]
-        if not ahead or kern.family in AFTER_ALIGN_FAMILIES:
+        handed = frozenset(a.name for a in kern.args if a.ctype.startswith("const ") and a.name in written)
+        handed -= READ_BEFORE_WAIT.get(kern.family, frozenset())
+        if any(a.name == "plan_ready" for a in kern.args):  # a mixed variant's gate+up: where set, the plan is done
+            handed -= {"plan"}
+        if kern.family in STARTS_BEFORE_ALIGN_ENDS:
+            restricted = [a.name for a in kern.args if a.name in handed & ALIGN_OUTPUTS and not a.written_ahead]
+            assert not restricted, f"{kern.uri}: {restricted} not declared written ahead (families/base.py Arg)"
+        if not handed:
             continue
-        restricted = [a.name for a in ahead if not a.written_ahead]
-        assert not restricted, f"{kern.uri}: {restricted} not declared written ahead (families/base.py Arg)"
         sass = subprocess.run([cuobjdump, "-sass", str(compiled.out_dir / f"{kern.uri}.cubin")],
                               capture_output=True, text=True, check=True).stdout
         if "ACQBULK" not in sass:  # launched plainly (no wait): the stream order already holds
             continue
-        checked.append(kern.uri)
-        # a mixed variant's second gate+up reads the plan before its wait where plan_ready says it is complete
-        names = ALIGN_OUTPUTS - ({"plan"} if any(a.name == "plan_ready" for a in kern.args) else set())
-        early += [f"{kern.uri}: {load}" for load in loads_before_wait(sass, param_offsets(kern.args, names))]
-    assert not early, "loads of align's outputs ahead of griddepcontrol.wait:\n" + "\n".join(early)
-    if any(r.kernel.family == "stream_gate_up_silu" for r in rendered_all):
-        assert any("stream_gate_up_silu" in uri for uri in checked), "no stream gate+up kernel waits: nothing checked"
+        checked.append(kern.family)
+        early += [f"{kern.uri}: {load}" for load in loads_before_wait(sass, param_offsets(kern.args, handed))]
+    assert not early, "loads of a kernel ahead's output before griddepcontrol.wait:\n" + "\n".join(early)
+    for family in ("gather_x", "stream_gate_up_silu", "align"):
+        if any(r.kernel.family == family for r in rendered_all):
+            assert family in checked, f"no {family} kernel waits: nothing checked there"
 
 
 PARAM_BASE = 0x210
