@@ -52,6 +52,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -196,6 +197,15 @@ def aligned_block_sizes(spec: MoeSpec) -> frozenset[int]:
     """Every block size align can be told to use for the spec: its prefill GEMMs' and its stream variants'.
     Cached: enumerating the stream kernels takes ~0.3 ms, and every aligned forward checks its rows."""
     return frozenset({*spec.prefill.block_sizes, *stream_family.variant_block_sizes(spec).values()})
+
+
+@functools.lru_cache(maxsize=16)
+def block_pairs(spec: MoeSpec) -> Mapping[str, int]:
+    """align's block_pair (families/align.py pair_arg) of each of the spec's mixed stream variants. Cached, as
+    aligned_block_sizes: every stream call passes one to align."""
+    sizes = stream_family.variant_block_sizes(spec)
+    return MappingProxyType({name: align_family.pair_arg(sizes[small], sizes[large], cost)
+                             for name, (small, large, cost) in stream_family.mixed_variants(spec).items()})
 
 
 def aligned_shapes(spec: MoeSpec, max_tokens: int, block_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -999,12 +1009,7 @@ class MoeLayer:
         """align's block_pair for a mixed stream variant (families/align.py pair_arg), else 0."""
         if choice.path not in tuning.LOCKSTEP_PATHS:
             return 0
-        mixed = stream_family.mixed_variants(self.spec).get(choice.variants[tuning.PATH_FAMILIES[choice.path][0]])
-        if not mixed:
-            return 0
-        small, large, cost = mixed
-        sizes = stream_family.variant_block_sizes(self.spec)
-        return align_family.pair_arg(sizes[small], sizes[large], cost)
+        return block_pairs(self.spec).get(choice.variants[tuning.PATH_FAMILIES[choice.path][0]], 0)
 
     def _route_on_host(self, logits: Any, T: int, aligned: bool, block_size: int | None, block_pair: int = 0) -> None:
         """ids and weights from the logits on the host; for an aligned path also align's outputs,

@@ -194,6 +194,20 @@ def test_each_tuned_family_has_one_default_variant_and_every_listed_variant(spec
                 assert set(k["launch"]["smem_bytes"]) == set(k["archs"]), "shared memory for each arch it runs on"
 
 
+def test_align_gets_each_mixed_stream_variants_two_block_sizes_and_cost(spec) -> None:
+    """The runtime's block_pair for a mixed variant packs its two variants' block sizes and the cost of a large
+    block in eighths of a small one, as align.cuh.j2 and reference.pick_block_size unpack them; no other variant
+    has one."""
+    from ferrum_gen.families import align
+    from ferrum_gen.runtime import block_pairs
+
+    pairs, mixed, sizes = block_pairs(spec), stream.mixed_variants(spec), stream.variant_block_sizes(spec)
+    assert set(pairs) == set(mixed)
+    for name, (small, large, cost) in mixed.items():
+        assert align.unpack_pair_arg(pairs[name]) == (sizes[small], sizes[large], round(cost * 8)), name
+        assert sizes[name] == sizes[large], name
+
+
 def test_the_stream_variants_of_one_or_two_ctas_an_sm_refill_a_stage_early(spec) -> None:
     """stream.cuh's early refill is asked for by the mma.sync variants of at most REFILL_MAX_CTAS
     CTAs an SM, whose rings it made faster, and by neither the four-CTA variants, which it made

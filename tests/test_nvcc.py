@@ -30,10 +30,13 @@ CASES = [(name, Arch.SM_90.value) for name in shipped_spec_names()] + [
 ]
 
 
+def _toolkit_binary(name: str) -> str | None:
+    """A CUDA toolkit program on PATH, else in /usr/local/cuda/bin."""
+    return shutil.which(name) or next((p for p in (f"/usr/local/cuda/bin/{name}",) if os.path.exists(p)), None)
+
+
 def _nvcc() -> str:
-    nvcc = shutil.which("nvcc") or next(
-        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None
-    )
+    nvcc = _toolkit_binary("nvcc")
     if nvcc is None:
         if os.environ.get("FERRUM_SKIP_NVCC") == "1":
             pytest.skip("nvcc not found and FERRUM_SKIP_NVCC=1: generated CUDA NOT compiled")
@@ -194,8 +197,7 @@ def _cuobjdump() -> str:
     for root in (spec.submodule_search_locations if spec else []):
         for candidate in sorted(Path(root).glob("cu*/bin/cuobjdump")):
             return str(candidate)
-    found = shutil.which("cuobjdump") or next(
-        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.path.exists(p)), None)
+    found = _toolkit_binary("cuobjdump")
     if found is None:
         pytest.fail("cuobjdump not found: install the dev extras (pip install -e '.[dev]' brings "
                     "nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm)")

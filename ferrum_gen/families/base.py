@@ -35,9 +35,8 @@ class Arg:
     def declaration(self) -> str:
         """The parameter as the kernel declares it: pointers are __restrict__ (no argument aliases another),
         except those written ahead."""
-        if not self.ctype.endswith("*"):
-            return f"{self.ctype} {self.name}"
-        return f"{self.ctype} {self.name}" if self.written_ahead else f"{self.ctype} __restrict__ {self.name}"
+        restrict = self.ctype.endswith("*") and not self.written_ahead
+        return f"{self.ctype} __restrict__ {self.name}" if restrict else f"{self.ctype} {self.name}"
 
 
 GATE_UP_WEIGHTS = (Arg("w_gate", "const u8*"), Arg("w_gate_d", "const __half*"),

@@ -217,8 +217,13 @@ def mixed_variants(spec: MoeSpec) -> dict[str, tuple[str, str, float]]:
     """name ("small+large") -> MIXED_PAIRS entry, for the pairs whose two variants the spec has (each a variant of
     both stream families, with two kernels: _mixed_kernels)."""
     have = {k.variant for k in gate_up_kernels(spec)}
-    return {f"{small}{MIXED_SEPARATOR}{large}": (small, large, cost) for small, large, cost in MIXED_PAIRS
+    return {mixed_name(small, large): (small, large, cost) for small, large, cost in MIXED_PAIRS
             if small in have and large in have}
+
+
+def mixed_name(small: str, large: str) -> str:
+    """A mixed variant's name, as the tables and the runtime take it."""
+    return f"{small}{MIXED_SEPARATOR}{large}"
 
 
 def variant_parts(variant: str) -> tuple[str, ...]:
@@ -397,7 +402,7 @@ def _mixed_kernels(spec: MoeSpec, kernels: list[KernelSpec], family: str, quant_
     for small, large, _ in MIXED_PAIRS:
         if small not in by_variant or large not in by_variant:
             continue
-        name = f"{small}{MIXED_SEPARATOR}{large}"
+        name = mixed_name(small, large)
         for member, other in ((small, large), (large, small)):
             k = by_variant[member]
             out.append(dataclasses.replace(
