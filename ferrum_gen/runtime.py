@@ -169,15 +169,18 @@ def decode_token_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens
 
 def block_size_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: int) -> int:
     """The largest block size align is told to use up to max_tokens by default: the spec's largest,
-    or a tuned stream variant's (w64, w96, w128) in a bucket that starts at or below max_tokens. The aligned
-    scratch is padded for it and grows if a larger one is forced."""
+    or a tuned stream variant's (w64, w96, w128) in a bucket that starts at or below max_tokens, or without a
+    table the default rule's stream variant at max_tokens (its block grows with T). The aligned scratch is
+    padded for it and grows if a larger one is forced."""
     sizes = list(spec.prefill.block_sizes)
+    variant_sizes = stream_family.variant_block_sizes(spec)
     if table is not None:
         buckets = [e.bucket for e in table.entries]
-        variant_sizes = stream_family.variant_block_sizes(spec)
         for e in table.entries:
             if e.path in tuning.LOCKSTEP_PATHS and tuning.bucket_edges(e.bucket, buckets)[0] <= max_tokens:
                 sizes.append(variant_sizes[e.variants[tuning.PATH_FAMILIES[e.path][0]]])
+    elif max_tokens > spec.decode_max_tokens:
+        sizes.append(variant_sizes.get(stream_family.rule_variant(spec, max_tokens), 0))
     return max(sizes)
 
 

@@ -10,10 +10,10 @@ its families' variants usable on this card. A candidate must first pass the refe
 (bench.quick_check) at the bucket's largest count; one that fails can never win. One candidate
 serves both routings and every timed count, so the winner (pick_winner) is the one whose worst run,
 relative to the fastest candidate of that run, is least slow; among those within
-WORST_CASE_SLACK of it, the smallest sum of the medians. (Summing alone let a bucket trade one
-edge's large loss for smaller gains at the others: a tile 59 % slower at one edge won.) When the
-time budget runs out, the buckets not yet tuned get the default rule's choice and the table says
-it is incomplete. Where the pick is more than SPLIT_HINT_LOSS slower than another candidate at one of the
+WORST_CASE_SLACK of it, the smallest sum of the medians, a mixed stream variant's by more than MIXED_MIN_GAIN.
+(Summing alone let a bucket trade one edge's large loss for smaller gains at the others: a tile 59 % slower at
+one edge won.) When the time budget runs out, the buckets not yet tuned get the default rule's choice and the
+table says it is incomplete. Where the pick is more than SPLIT_HINT_LOSS slower than another candidate at one of the
 bucket's runs, the log and the table's meta.split_hints say so (split_hints): a bucket between the edges may
 give each side its own choice. tune_with_splits adds those buckets and re-tunes, for a given number of rounds.
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tuning
+from .families.stream import MIXED_SEPARATOR
 from .spec import MoeSpec
 
 log = logging.getLogger("ferrum_gen")
@@ -48,6 +49,14 @@ was tuned without the stream path that had served T = 5 (docs/perf-notes.md)."""
 WORST_CASE_SLACK = 0.03
 """Candidates whose worst run is within this fraction of the least-slow worst run tie on it; the
 smallest sum of the medians wins among them (timing noise is about 1 %)."""
+
+MIXED_MIN_GAIN = 0.03
+"""Among the candidates tied on the worst run, a mixed stream variant (families/stream.py MIXED_PAIRS) wins only
+where its sum of medians is more than this fraction below the best tied candidate without one: it launches both
+members' kernels (those of the size align did not pick exit at once), which cost it ~2 % under uniform routing in
+an A/B on an H200, so a smaller lead is noise. There, three tuner picks of b32x2+w64 by 0.2-2.3 % (olmoe T = 385-480,
+qwen3moe T = 641-768) were 1.1-3.9 % slower than w64 alone under both routings, and two (qwen3moe_235b
+T = 769-960) -0.4 to +1.1 % (align picked their w64 member on every input set) (docs/perf-notes.md, sixty-third session)."""
 
 SPLIT_HINT_LOSS = 0.03
 """A bucket whose pick is more than this much slower than another candidate at one of its timed runs (a
@@ -68,6 +77,11 @@ class Candidate:
     @property
     def name(self) -> str:
         return tuning.candidate_name(self.path, self.variants)
+
+    @property
+    def is_mixed(self) -> bool:
+        """Whether a family runs a mixed stream variant (both sizes' kernels launched, align picking one)."""
+        return any(MIXED_SEPARATOR in variant for _, variant in self.variants)
 
 
 def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None,
@@ -113,7 +127,11 @@ def pick_winner(runs: dict[Candidate, list[float]]) -> Candidate:
     fastest = [min(col) for col in zip(*runs.values())]
     worst = {c: max(t / f for t, f in zip(r, fastest)) for c, r in runs.items()}
     bound = min(worst.values()) * (1 + WORST_CASE_SLACK)
-    return min((c for c in runs if worst[c] <= bound), key=lambda c: sum(runs[c]))
+    tied = sorted((c for c in runs if worst[c] <= bound), key=lambda c: sum(runs[c]))
+    plain = [c for c in tied if not c.is_mixed]
+    if tied[0].is_mixed and plain and sum(runs[tied[0]]) >= sum(runs[plain[0]]) * (1 - MIXED_MIN_GAIN):
+        return plain[0]
+    return tied[0]
 
 
 def split_point(edges: tuple[int, ...]) -> int | None:

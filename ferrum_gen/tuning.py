@@ -4,7 +4,9 @@ The runtime asks `choose()` for every forward call. Without a tuning table for t
 the **default rule** applies: for T <= spec.decode_max_tokens the grouped path (the
 expert-grouped tensor-core kernels) where the spec has it, else the decode path (GEMVs);
 above it the stream path (weight-streaming tensor-core kernels) where the spec and the card
-have it, else prefill; each family with its default variant (the kernel the spec's own keys describe).
+have it, else prefill. The stream path's variant follows the pairs an expert gets on average
+(families/stream.py RULE_BY_PAIRS_PER_EXPERT) where the card runs it; every other family takes its
+default variant (the kernel the spec's own keys describe).
 A tuning table (`ferrum-gen tune` writes one per GPU into <bundle>/tuning/<gpu>.json)
 records, per token-count bucket, the path and the variant of each tuned family that won on
 that card (the least worst case over the bucket's edges and routings, then the fastest: see
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .families import stream
 from .spec import MoeSpec
 
 log = logging.getLogger("ferrum_gen")
@@ -285,8 +288,9 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     variants = {}
     use_entry = entry is not None and entry.path == path
     timed = fastest_timed(entry, path, available) if entry is not None and not use_entry else None
+    rule = stream.rule_variant(spec, tokens) if path == "stream" else None
     for family in PATH_FAMILIES[path]:
-        want = entry.variants.get(family) if use_entry else timed.get(family) if timed else None
+        want = entry.variants.get(family) if use_entry else timed.get(family) if timed else rule
         variants[family] = want if want in available.get(family, {}) else defaults[family]
     if path in LOCKSTEP_PATHS:
         variants = lockstep(path, variants[PATH_FAMILIES[path][0]], available, defaults)

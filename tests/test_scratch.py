@@ -97,6 +97,21 @@ def test_the_tuned_block_sizes_grow_the_scratch_by_at_most_a_fifth(spec) -> None
         assert tuned <= 1.2 * own, f"max_tokens {max_tokens}: {tuned / own - 1:.1%} more scratch"
 
 
+def test_without_a_table_the_scratch_fits_the_default_rules_stream_blocks(spec) -> None:
+    """The default rule's stream block grows with T (families/stream.py RULE_BY_PAIRS_PER_EXPERT): a layer
+    without a table sizes its sorted rows for the rule's block at max_tokens, so no call up to it grows the
+    scratch inside a forward (which may be under graph capture)."""
+    from ferrum_gen.families import stream
+
+    sizes = stream.variant_block_sizes(spec)
+    for max_tokens in (1, spec.decode_max_tokens + 1, 300, 1000, 4096):
+        cap = block_size_cap(spec, None, max_tokens)
+        for tokens in range(spec.decode_max_tokens + 1, max_tokens + 1):
+            assert sizes.get(stream.rule_variant(spec, tokens), 0) <= cap
+    if "w128" in sizes:
+        assert block_size_cap(spec, None, 4096) == sizes["w128"] > max(spec.prefill.block_sizes)
+
+
 def test_the_memory_table_in_the_docs_is_what_scratch_shapes_gives(spec) -> None:
     page = (ROOT / "docs" / "engine-integration.md").read_text()
     row = re.search(rf"^\| {spec.name} \| (.+) \|$", page, re.M)

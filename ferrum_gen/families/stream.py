@@ -15,6 +15,7 @@ gate+up): the runtime has align use the variant's size.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..quant import QK_K, QuantType
 from ..spec import ActivationDtype, Arch, MoeSpec
@@ -38,8 +39,17 @@ MAX_STAGES = 4
 LD = QK_K + 16
 """A token's 256 activations in shared memory, padded (templates/stream.cuh.j2)."""
 DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
-"""The default variant, in this order where it runs on every target arch: b32x2 won every
-tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe), b64 the larger ones by 1-7 %."""
+"""The family's default variant (the manifest's), in this order where it runs on every target arch: the
+default rule's stream variant where the one RULE_BY_PAIRS_PER_EXPERT names does not run on the card. b32x2 won
+every tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe) before the wgmma variants existed."""
+RULE_BY_PAIRS_PER_EXPERT = ((8, "b16x4"), (24, "b32x2"), (56, "w64"), (88, "w96"), (math.inf, "w128"))
+"""The default rule's stream variant by the pairs an expert gets on average, T * top_k / num_experts: the
+first whose bound that mean does not pass. Where the mean nears a block's height, about half the experts need a
+second block, which streams their weights again, so the best block grows with the mean. Against every H200
+table of qwen3moe, qwen3moe_235b, olmoe and mixtral (the buckets the stream path serves, 5-4096 tokens), this
+rule's variant was within 3 % of the tuner's pick on the bucket's summed timings, but for olmoe's bucket 192, where
+b32x2 trails the mixed b32x2+w64 by 6 %; the rule's one variant before, b32x2, was up to 2.2x slower than the
+pick (docs/perf-notes.md, sixty-third session)."""
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
 scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
@@ -245,6 +255,12 @@ def default_variant(spec: MoeSpec) -> tuple[int, int]:
     every = {a for v in _variants(spec) for a in _stages(spec, *v)[0]}
     fits_all = [v for v in _variants(spec) if set(_stages(spec, *v)[0]) == every]
     return next((v for v in DEFAULT_PREFERENCE if v in fits_all), (fits_all or _variants(spec))[0])
+
+
+def rule_variant(spec: MoeSpec, tokens: int) -> str:
+    """The default rule's stream variant for `tokens` (RULE_BY_PAIRS_PER_EXPERT)."""
+    pairs_per_expert = tokens * spec.top_k / spec.num_experts
+    return next(variant for bound, variant in RULE_BY_PAIRS_PER_EXPERT if pairs_per_expert <= bound)
 
 
 WG_STEP_GROUPS = {
