@@ -63,8 +63,9 @@ def test_without_a_table_the_default_rule_picks_the_path_and_default_variants(sp
 
 def test_the_default_rules_stream_variant_is_within_3_percent_of_the_committed_tables_picks() -> None:
     """Each committed table's stream buckets whose edges the rule gives one variant: that variant was timed
-    within 3 % of the bucket's pick (summed over edges and routings), bar the mixed-variant buckets, which the
-    rule's single b32x2 trails by up to 6.5 % (olmoe 129-192)."""
+    within 3 % of the bucket's pick (summed over edges and routings). Buckets pinned by hand to a variant the
+    tuner did not time there (the mixed b32x2+w64 at qwen3moe 257-384, qwen3moe_235b 257-384, olmoe 129-192)
+    have no timing of the pick to compare with."""
     from ferrum_gen.families import stream
     from ferrum_gen.runtime import REPO_GENERATED
 
@@ -80,9 +81,7 @@ def test_the_default_rules_stream_variant_is_within_3_percent_of_the_committed_t
             if entry.path != "stream" or len(rule) != 1 or entry.variants["stream_down"] not in timed:
                 continue
             (variant,) = rule
-            mixed = stream.MIXED_SEPARATOR in entry.variants["stream_down"]
-            slack = 1.065 if mixed else 1.03
-            assert timed[variant] <= timed[entry.variants["stream_down"]] * slack, (path, entry.bucket, variant)
+            assert timed[variant] <= timed[entry.variants["stream_down"]] * 1.03, (path, entry.bucket, variant)
             compared += 1
     assert compared >= 60
 

@@ -47,9 +47,9 @@ RULE_BY_PAIRS_PER_EXPERT = ((8, "b16x4"), (24, "b32x2"), (56, "w64"), (88, "w96"
 first whose bound that mean does not pass. Where the mean nears a block's height, about half the experts need a
 second block, which streams their weights again, so the best block grows with the mean. Against every H200
 table of qwen3moe, qwen3moe_235b, olmoe and mixtral (the buckets the stream path serves, 5-4096 tokens), this
-rule's variant was within 3 % of the tuner's pick on the bucket's summed timings, but for olmoe's bucket 192, where
-b32x2 trails the mixed b32x2+w64 by 6 %; the rule's one variant before, b32x2, was up to 2.2x slower than the
-pick (docs/perf-notes.md, sixty-third session)."""
+rule's variant was within 3 % of the tuner's pick on the bucket's summed timings wherever the pick was timed (not
+in the buckets pinned to the mixed b32x2+w64, whose skewed gain the rule gives up); the rule's one variant before,
+b32x2, was up to 2.2x slower than the pick (docs/perf-notes.md, sixty-third session)."""
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
 scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
