@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tuning
-from .families.stream import MIXED_SEPARATOR
+from .families.stream import variant_parts
 from .spec import MoeSpec
 
 log = logging.getLogger("ferrum_gen")
@@ -81,7 +81,7 @@ class Candidate:
     @property
     def is_mixed(self) -> bool:
         """Whether a family runs a mixed stream variant (both sizes' kernels launched, align picking one)."""
-        return any(MIXED_SEPARATOR in variant for _, variant in self.variants)
+        return any(len(variant_parts(variant)) > 1 for _, variant in self.variants)
 
 
 def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None,

@@ -288,7 +288,7 @@ def choose(spec: MoeSpec, tokens: int, available: Mapping[str, Mapping[str, Any]
     variants = {}
     use_entry = entry is not None and entry.path == path
     timed = fastest_timed(entry, path, available) if entry is not None and not use_entry else None
-    rule = stream.rule_variant(spec, tokens) if path == "stream" else None
+    rule = stream.rule_variant(spec, tokens) if path == "stream" and not use_entry and not timed else None
     for family in PATH_FAMILIES[path]:
         want = entry.variants.get(family) if use_entry else timed.get(family) if timed else rule
         variants[family] = want if want in available.get(family, {}) else defaults[family]
