@@ -10,7 +10,8 @@ its families' variants usable on this card. A candidate must first pass the refe
 (bench.quick_check) at the bucket's largest count; one that fails can never win. One candidate
 serves both routings and every timed count, so the winner (pick_winner) is the one whose worst run,
 relative to the fastest candidate of that run, is least slow; among those within
-WORST_CASE_SLACK of it, the smallest sum of the medians, a mixed stream variant's by more than MIXED_MIN_GAIN.
+WORST_CASE_SLACK of it, the smallest sum of the medians, a mixed stream variant's by more than MIXED_MIN_GAIN. A mixed
+variant whose align would pick the same member on every input set of the bucket is not timed (one_sided_mixed).
 (Summing alone let a bucket trade one edge's large loss for smaller gains at the others: a tile 59 % slower at
 one edge won.) When the time budget runs out, the buckets not yet tuned get the default rule's choice and the
 table says it is incomplete. Where the pick is more than SPLIT_HINT_LOSS slower than another candidate at one of the
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tuning
+from . import reference, tuning
+from .families.align import unpack_pair_arg
 from .families.stream import variant_parts
 from .spec import MoeSpec
 
@@ -112,6 +114,34 @@ def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None,
     return out
 
 
+def one_sided_mixed(cands: Iterable[Candidate], spec: MoeSpec, routed_counts: Iterable[np.ndarray]) -> dict[Candidate, int]:
+    """The mixed candidates whose align picks the same block size on every input set of the bucket (routed_counts:
+    each set's pairs per expert), each with that size. Such a candidate runs that member's kernels plus the other
+    member's launches, which exit at once: it cannot beat the member alone, and a lead on the sum would be noise. On
+    an H200 the tuner picked b32x2+w64 by 0.2-2.3 % where align chose w64 on every set, and each was up to 3.9 %
+    slower than w64 alone (docs/perf-notes.md, sixty-third session)."""
+    from .runtime import block_pairs
+
+    pairs, routed_counts = block_pairs(spec), list(routed_counts)
+    one_sided = {}
+    for cand in cands:
+        mixed = next((v for _, v in cand.variants if len(variant_parts(v)) > 1), None)
+        if mixed is None:
+            continue
+        picks = {reference.pick_block_size(c, (), 1.0, pair=unpack_pair_arg(pairs[mixed])) for c in routed_counts}
+        if len(picks) == 1:
+            one_sided[cand] = picks.pop()
+    return one_sided
+
+
+def _routed_counts(spec: MoeSpec, sets) -> list[np.ndarray]:
+    """Each input set's pairs per expert, as the GPU router selects them (reference.route_f32)."""
+    import cupy as cp
+
+    return [reference.expert_counts(reference.route_f32(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)[0],
+                                    spec.num_experts) for _, logits in sets]
+
+
 def _candidate(path: str, variants: dict[str, str]) -> Candidate:
     """The candidate of a table entry, its families in the path's order (as candidates() names them)."""
     return Candidate(path, tuple(sorted(variants.items(), key=lambda fv: tuning.PATH_FAMILIES[path].index(fv[0]))))
@@ -163,8 +193,8 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
-    default-rule candidates, rejections and split hints added to its meta (a re-tuned bucket's old hints
-    dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order).
+    default-rule candidates, rejections, untimed one-sided mixed candidates and split hints in its meta (a re-tuned
+    bucket's old records dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order).
     A bucket pinned by hand in the table's meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
     (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
@@ -177,11 +207,11 @@ def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.T
                                                  "midpoints": new.meta.get("midpoints", False),
                                                  **({"paths": new.meta["paths"]} if "paths" in new.meta else {})}]
     entries = sorted([e for e in table.entries if e.bucket not in tuned] + new_entries, key=lambda e: e.bucket)
-    per_bucket = {key: {**table.meta.get(key, {}), **new.meta.get(key, {})}
-                  for key in ("default_rule_candidates", "rejected")}
-    # a re-tuned bucket's hints are the new run's only: those of its last tune no longer hold
-    per_bucket["split_hints"] = {**{b: h for b, h in table.meta.get("split_hints", {}).items() if int(b) not in tuned},
-                                 **new.meta.get("split_hints", {})}
+    # a re-tuned bucket's records are the new run's only (keys "bucket" or "bucket:candidate"): its last tune's no
+    # longer hold
+    per_bucket = {key: {**{k: v for k, v in table.meta.get(key, {}).items() if int(k.split(":")[0]) not in tuned},
+                        **new.meta.get(key, {})}
+                  for key in ("default_rule_candidates", "rejected", "one_sided_mixed", "split_hints")}
     complete = bool(table.meta.get("complete")) or all(e.timings_us for e in entries)
     meta = {**table.meta, **per_bucket, "updates": updates, "complete": complete}
     if overrides:
@@ -211,7 +241,8 @@ def _honour_override(tuned: tuning.TuningEntry, before: tuning.TuningEntry | Non
         return tuning.TuningEntry(tuned.bucket, before.path, dict(before.variants), tuned.timings_us)
     del overrides[str(tuned.bucket)]
     log.warning("tune --update: bucket %d's hand pin %s (meta.overrides: %s) was not timed this time (it failed "
-                "the reference check or no longer serves the bucket), so the pin is dropped and %s is taken.",
+                "the reference check, no longer serves the bucket, or is a mixed variant whose align picked one "
+                "member on every input set: meta.one_sided_mixed), so the pin is dropped and %s is taken.",
                 tuned.bucket, pinned, reason, picked)
     return tuned
 
@@ -309,6 +340,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
     entries: list[tuning.TuningEntry] = []
     rejected: dict[str, str] = {}
     split: dict[str, list[str]] = {}  # bucket -> split_hints
+    skipped: dict[str, str] = {}  # "bucket:candidate" -> why it was not timed (one_sided_mixed)
     defaults: dict[str, str] = {}
     complete = True
     bar = tqdm(total=total, desc=f"tune {spec.name}", unit="timing", disable=not progress)
@@ -323,9 +355,21 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
         labels = [(r, T) for r in routings for T in sorted(timed[bucket], reverse=True)]
+        with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
+            inputs = {(r, T): make_input_sets(spec, T, rng, r, rotations, skew_seed=seed) for r, T in labels}
+        if any(c.is_mixed for c in cands):
+            counts = [c for sets in inputs.values() for c in _routed_counts(spec, sets)]
+            one_sided = one_sided_mixed(cands, spec, counts)
+            for cand, size in one_sided.items():
+                skipped[f"{bucket}:{cand.name}"] = f"align picks block size {size} on every input set"
+                log.info("tune: bucket %d: %s not timed: align picks block size %d on every input set, so it is "
+                         "that member plus launches that exit at once", bucket, cand.name, size)
+                del runs[cand]
+            cands = [c for c in cands if c not in one_sided]
+            bar.update(len(labels) * len(one_sided))
         for routing, T in labels:
-            with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
-                sets = make_input_sets(spec, T, rng, routing, rotations, skew_seed=seed)
+            sets = inputs.pop((routing, T))
+            with stream:
                 out = cp.empty((T, H), dtype=sets[0][0].dtype)
             for cand in cands:
                 if cand not in runs:
@@ -378,6 +422,7 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                      "forward (CUDA-graph replay); winner: least worst run relative to that run's fastest "
                      f"candidate (ties within {WORST_CASE_SLACK:.0%}), then least sum",
             "rejected": rejected,
+            "one_sided_mixed": skipped,
             "split_hints": split,
             "default_rule_candidates": defaults,
             "date": time.strftime("%Y-%m-%d"),

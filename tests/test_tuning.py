@@ -394,6 +394,26 @@ def test_a_mixed_stream_variant_wins_a_tie_only_by_more_than_its_extra_launches(
     assert pick_winner({mixed: [100.0, 100.0], large: [100.0, 120.0]}) is mixed
 
 
+def stream_candidate(variant: str):
+    from ferrum_gen.tune import Candidate
+
+    return Candidate("stream", (("stream_gate_up_silu", variant), ("stream_down", variant)))
+
+
+def test_a_mixed_variant_whose_align_picks_one_member_on_every_input_set_is_one_sided() -> None:
+    """align's pair rule on each set's counts: 20 pairs an expert take b32x2's 32 (a block of either size an expert,
+    w64's at 9/8 of the cost); 40 take w64's 64 (one block against two), so a bucket with both kinds of sets times
+    the mixed variant."""
+    from ferrum_gen.tune import one_sided_mixed
+
+    spec = load_spec("qwen3moe")
+    mixed, plain = stream_candidate("b32x2+w64"), stream_candidate("w64")
+    even = np.full(spec.num_experts, 20, dtype=np.int64)
+    assert one_sided_mixed([mixed, plain], spec, [even, even]) == {mixed: 32}
+    assert one_sided_mixed([mixed, plain], spec, [2 * even, 2 * even]) == {mixed: 64}
+    assert one_sided_mixed([mixed, plain], spec, [even, 2 * even]) == {}
+
+
 def bare_table(entries, meta):
     """A tuning table of spec "s" on "GPU" with these entries and meta, as read from old.json."""
     return tuning.TuningTable("s", "h", "v", "GPU", entries, meta, "old.json")
@@ -547,12 +567,20 @@ def test_the_tuner_names_the_runs_where_its_pick_loses_by_more_than_the_hint_thr
 
 
 def test_an_update_keeps_the_split_hints_of_the_buckets_it_did_not_retune() -> None:
+    """And the rejections and untimed mixed candidates, keyed "bucket:candidate": a re-tuned bucket's are the new
+    run's only."""
     from ferrum_gen.tune import merge_update
 
     old = bare_table([tuning.TuningEntry(b, "stream", {"f": "a"}) for b in (1024, 1536, 2048)],
-                     {"complete": True, "split_hints": {"1536": ["old"], "2048": ["kept"]}})
-    new = bare_table([tuning.TuningEntry(1536, "stream", {"f": "b"})], {"complete": True, "split_hints": {}})
-    assert merge_update(old, new).meta["split_hints"] == {"2048": ["kept"]}
+                     {"complete": True, "split_hints": {"1536": ["old"], "2048": ["kept"]},
+                      "rejected": {"1536:stream:f=c": "old", "2048:stream:f=c": "kept"},
+                      "one_sided_mixed": {"1536:stream:f=m": "old", "2048:stream:f=m": "kept"}})
+    new = bare_table([tuning.TuningEntry(1536, "stream", {"f": "b"})],
+                     {"complete": True, "split_hints": {}, "one_sided_mixed": {"1536:stream:f=n": "new"}})
+    merged = merge_update(old, new).meta
+    assert merged["split_hints"] == {"2048": ["kept"]}
+    assert merged["rejected"] == {"2048:stream:f=c": "kept"}
+    assert merged["one_sided_mixed"] == {"2048:stream:f=m": "kept", "1536:stream:f=n": "new"}
     newer = bare_table([tuning.TuningEntry(1024, "stream", {"f": "b"})], {"split_hints": {"1024": ["new"]}})
     assert merge_update(old, newer).meta["split_hints"] == {"1536": ["old"], "2048": ["kept"], "1024": ["new"]}
 
@@ -657,3 +685,26 @@ def test_split_rounds_add_the_hinted_buckets_until_the_picks_stop_losing(fake_ca
     _, _, none = tune_mod.tune_with_splits(fake_card, 0, out_root=tmp_path, budget_s=60, buckets=(1024,),
                                            update=True, progress=False)
     assert none == []
+
+
+@pytest.mark.parametrize("routings, timed", [(("uniform",), False), (("uniform", "skewed"), True)])
+def test_the_tuner_times_a_mixed_variant_only_where_its_align_picks_both_members(fake_card, tmp_path, monkeypatch,
+                                                                                 routings, timed) -> None:
+    """qwen3moe bucket 256 (16 pairs an expert): under uniform routing align's pair rule picks b32x2's blocks on
+    every input set, so b32x2+w64 is not timed and the table says why; skewed sets pick w64, so with them it is."""
+    from ferrum_gen import bench
+    from ferrum_gen import tune as tune_mod
+
+    layer = bench.build_layer()
+    layer.variants = {f: {"b32x2": 1, "w64": 1, "b32x2+w64": 1} for f in ("stream_gate_up_silu", "stream_down")}
+    monkeypatch.setattr(bench, "build_layer", lambda *_, **__: layer)
+    monkeypatch.setattr(bench, "make_input_sets", lambda spec, T, rng, routing, count, skew_seed=0: [
+        (np.zeros((T, 1)), bench.make_logits(spec, T, rng, routing, skew_seed, input_set=i)) for i in range(count)])
+    monkeypatch.setattr(sys.modules["cupy"], "asnumpy", np.asarray, raising=False)
+    table, path = tune_mod.tune(fake_card, out_root=tmp_path, budget_s=60, buckets=(256,), progress=False,
+                                routings=routings)
+    mixed = stream_candidate("b32x2+w64").name
+    assert (mixed in table.entries[0].timings_us) is timed
+    assert stream_candidate("w64").name in table.entries[0].timings_us
+    recorded = json.loads(path.read_text())["meta"]["one_sided_mixed"]
+    assert recorded == ({} if timed else {f"256:{mixed}": "align picks block size 32 on every input set"})
