@@ -21,6 +21,7 @@ give each side its own choice. tune_with_splits adds those buckets and re-tunes,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -238,7 +239,7 @@ def _honour_override(tuned: tuning.TuningEntry, before: tuning.TuningEntry | Non
                         "the tuner picked %s. To take the pick, delete that override and run tune --update on the "
                         "bucket again.",
                         tuned.bucket, pinned, reason, picked)
-        return tuning.TuningEntry(tuned.bucket, before.path, dict(before.variants), tuned.timings_us)
+        return dataclasses.replace(tuned, path=before.path, variants=dict(before.variants))
     del overrides[str(tuned.bucket)]
     log.warning("tune --update: bucket %d's hand pin %s (meta.overrides: %s) was not timed this time (it failed "
                 "the reference check, no longer serves the bucket, or is a mixed variant whose align picked one "
@@ -403,7 +404,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
             log.warning("tune: bucket %d picks %s, which loses where another candidate wins: %s", bucket, best.name,
                         "; ".join(hints))
         entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
-                                          {c.name: sum(r) for c, r in runs.items()}))
+                                          {c.name: sum(r) for c, r in runs.items()},
+                                          [f"{routing} {T}" for routing, T in labels], {c.name: r for c, r in runs.items()}))
     bar.close()
     counted = "edges and middle count" if midpoints else "edges"
     table = tuning.TuningTable(

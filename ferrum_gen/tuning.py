@@ -139,10 +139,18 @@ class TuningEntry:
     variants: dict[str, str]
     timings_us: dict[str, float] = field(default_factory=dict)
     """Median microseconds per forward of each candidate at the bucket's edges (summed), for the record."""
+    run_labels: list[str] = field(default_factory=list)
+    """The timed runs, "<routing> <T>", in runs_us's order (tables tuned before the sixty-fourth session have none)."""
+    runs_us: dict[str, list[float]] = field(default_factory=dict)
+    """Each candidate's median microseconds per forward in each run: the sum hides a loss at one edge (an 18 % one
+    at qwen3moe_235b T = 128 skewed, docs/perf-notes.md, sixty-fourth session), these show it."""
 
     def as_json(self) -> dict[str, Any]:
+        runs = {"run_labels": self.run_labels,
+                "runs_us": {k: [round(t, 2) for t in v] for k, v in sorted(self.runs_us.items())}} \
+            if self.run_labels else {}
         return {"bucket": self.bucket, "path": self.path, "variants": dict(sorted(self.variants.items())),
-                "timings_us": {k: round(v, 2) for k, v in sorted(self.timings_us.items())}}
+                "timings_us": {k: round(v, 2) for k, v in sorted(self.timings_us.items())}, **runs}
 
 
 @dataclass
@@ -193,7 +201,9 @@ class TuningTable:
                 )
             entries = [
                 TuningEntry(int(b["bucket"]), str(b["path"]), {str(k): str(v) for k, v in b["variants"].items()},
-                            {str(k): float(v) for k, v in b.get("timings_us", {}).items()})
+                            {str(k): float(v) for k, v in b.get("timings_us", {}).items()},
+                            [str(label) for label in b.get("run_labels", [])],
+                            {str(k): [float(t) for t in v] for k, v in b.get("runs_us", {}).items()})
                 for b in data["buckets"]
             ]
             table = cls(str(data["spec_name"]), str(data["spec_hash"]), str(data["generator_version"]),
@@ -205,6 +215,9 @@ class TuningTable:
         for e in table.entries:
             if e.path not in PATHS:
                 raise TuningError(f"tuning table {path}: bucket {e.bucket} names path {e.path!r}, not one of {PATHS}")
+            if any(len(runs) != len(e.run_labels) for runs in e.runs_us.values()):
+                raise TuningError(f"tuning table {path}: bucket {e.bucket}'s runs_us must give each candidate one "
+                                  f"time per run of run_labels ({len(e.run_labels)}); run `ferrum-gen tune` again")
         pins = table.meta.get("overrides", {})
         buckets = {str(e.bucket) for e in table.entries}
         if not isinstance(pins, dict) or not all(isinstance(why, str) and why.strip() for why in pins.values()):
