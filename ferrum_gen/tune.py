@@ -115,7 +115,8 @@ def candidates(layer, bucket: int, counts: tuple[int, ...] | None = None,
     return out
 
 
-def one_sided_mixed(cands: Iterable[Candidate], spec: MoeSpec, routed_counts: Iterable[np.ndarray]) -> dict[Candidate, int]:
+def one_sided_mixed(cands: Iterable[Candidate], spec: MoeSpec,
+                    routed_counts: Iterable[np.ndarray]) -> dict[Candidate, int]:
     """The mixed candidates whose align picks the same block size on every input set of the bucket (routed_counts:
     each set's pairs per expert), each with that size. Such a candidate runs that member's kernels plus the other
     member's launches, which exit at once: it cannot beat the member alone, and a lead on the sum would be noise. On
@@ -194,8 +195,9 @@ def _default_entry(layer, bucket: int) -> tuning.TuningEntry:
 
 def merge_update(table: tuning.TuningTable, new: tuning.TuningTable) -> tuning.TuningTable:
     """`table` with the buckets `new` tuned replaced by `new`'s entries (the others kept), their
-    default-rule candidates, rejections, untimed one-sided mixed candidates and split hints in its meta (a re-tuned
-    bucket's old records dropped), and the update recorded there (the buckets, date and elapsed time of each update, in order).
+    default-rule candidates, rejections, untimed one-sided mixed candidates and split hints in its meta (a
+    re-tuned bucket's old records dropped), and the update recorded there (the buckets, date and elapsed time of
+    each update, in order).
     A bucket pinned by hand in the table's meta.overrides keeps its choice (_honour_override). A table the budget left incomplete
     (its untimed buckets hold the default rule's choice) is complete once updates have timed them all."""
     tuned = {e.bucket for e in new.entries}
@@ -405,7 +407,8 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                         "; ".join(hints))
         entries.append(tuning.TuningEntry(bucket, best.path, dict(best.variants),
                                           {c.name: sum(r) for c, r in runs.items()},
-                                          [f"{routing} {T}" for routing, T in labels], {c.name: r for c, r in runs.items()}))
+                                          [f"{routing} {T}" for routing, T in labels],
+                                          {c.name: r for c, r in runs.items()}))
     bar.close()
     counted = "edges and middle count" if midpoints else "edges"
     table = tuning.TuningTable(

@@ -386,13 +386,16 @@ def test_the_tuner_picks_the_least_worst_run_before_the_least_sum() -> None:
         pick_winner({small_tiles: [1.0], large_tiles: [1.0, 2.0]})
 
 
+def stream_candidate(variant: str):
+    from ferrum_gen.tune import Candidate
+
+    return Candidate("stream", (("stream_gate_up_silu", variant), ("stream_down", variant)))
+
+
 def test_a_mixed_stream_variant_wins_a_tie_only_by_more_than_its_extra_launches() -> None:
-    from ferrum_gen.tune import MIXED_MIN_GAIN, Candidate, pick_winner
+    from ferrum_gen.tune import MIXED_MIN_GAIN, pick_winner
 
-    def stream(variant: str) -> Candidate:
-        return Candidate("stream", (("stream_gate_up_silu", variant), ("stream_down", variant)))
-
-    mixed, large, small = stream("b32x2+w64"), stream("w64"), stream("b32x2")
+    mixed, large, small = stream_candidate("b32x2+w64"), stream_candidate("w64"), stream_candidate("b32x2")
     assert mixed.is_mixed and not large.is_mixed
     # olmoe T = 385-448 as tuned on an H200: mixed 0.8 % ahead on the sum, slower than w64 in the A/B
     runs = {mixed: [139.0, 166.0, 150.0, 199.0], large: [140.0, 168.0, 151.0, 200.0], small: [160.0, 170.0, 175.0, 230.0]}
@@ -405,12 +408,6 @@ def test_a_mixed_stream_variant_wins_a_tie_only_by_more_than_its_extra_launches(
     assert pick_winner(runs) is mixed
     # a mixed variant alone within the worst-run bound wins however small its lead on the sum
     assert pick_winner({mixed: [100.0, 100.0], large: [100.0, 120.0]}) is mixed
-
-
-def stream_candidate(variant: str):
-    from ferrum_gen.tune import Candidate
-
-    return Candidate("stream", (("stream_gate_up_silu", variant), ("stream_down", variant)))
 
 
 def test_a_mixed_variant_whose_align_picks_one_member_on_every_input_set_is_one_sided() -> None:
