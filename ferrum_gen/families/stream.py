@@ -50,7 +50,7 @@ table of qwen3moe, qwen3moe_235b, olmoe and mixtral (the buckets the stream path
 rule's variant was within 3 % of the tuner's pick on the bucket's summed timings wherever the pick was timed (not
 in the buckets pinned to the mixed b32x2+w64, whose skewed gain the rule gives up); the rule's one variant before,
 b32x2, was up to 2.2x slower than the pick (docs/perf-notes.md, sixty-third session). Benched against that rule
-(H200, four specs, T = 64-4096, both routings) it was 17-68 % faster on qwen3moe and 0-57 % on the others, except at
+(H200, four specs, T = 64-4096, both routings) it was 16-68 % faster on qwen3moe and 0-57 % on the others, except at
 qwen3moe_235b T = 128 skewed (m = 8): +18 %. There b16x4 loses to b32x2 under skewed routing from m = 7 (+9 %), where
 on qwen3moe, olmoe and mixtral it still wins or ties; a bound of 6 or 7 would cost those specs up to 14.5 %, and 8
 has the least mean and worst loss over the four specs' sweep (docs/perf-notes.md, sixty-fourth session)."""
