@@ -136,12 +136,14 @@ def one_sided_mixed(cands: Iterable[Candidate], spec: MoeSpec,
     return one_sided
 
 
-def _routed_counts(spec: MoeSpec, sets) -> list[np.ndarray]:
-    """Each input set's pairs per expert, as the GPU router selects them (reference.route_f32)."""
+def _routed_counts(spec: MoeSpec, input_sets: Iterable[list], stream) -> list[np.ndarray]:
+    """Each input set's pairs per expert, as the GPU router selects them (reference.route_f32). The logits are
+    read back on `stream`, which uploaded them: the copy must not overtake the upload."""
     import cupy as cp
 
-    return [reference.expert_counts(reference.route_f32(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)[0],
-                                    spec.num_experts) for _, logits in sets]
+    with stream:
+        return [reference.expert_counts(reference.route_f32(cp.asnumpy(logits), spec.top_k, spec.norm_topk_prob)[0],
+                                        spec.num_experts) for sets in input_sets for _, logits in sets]
 
 
 def _candidate(path: str, variants: dict[str, str]) -> Candidate:
@@ -354,22 +356,20 @@ def tune(spec: MoeSpec, out_root: Path = Path("generated"), budget_s: float = 30
                 entries.append(_default_entry(layer, bucket))
             bar.update(len(routings) * len(timed[bucket]) * len(cands))
             continue
-        runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         rule = _default_entry(layer, bucket)
         defaults[str(bucket)] = _candidate(rule.path, rule.variants).name
         labels = [(r, T) for r in routings for T in sorted(timed[bucket], reverse=True)]
         with stream:  # one stream for every array and kernel: see bench.run_bench's note on CuPy's pool
             inputs = {(r, T): make_input_sets(spec, T, rng, r, rotations, skew_seed=seed) for r, T in labels}
         if any(c.is_mixed for c in cands):
-            counts = [c for sets in inputs.values() for c in _routed_counts(spec, sets)]
-            one_sided = one_sided_mixed(cands, spec, counts)
+            one_sided = one_sided_mixed(cands, spec, _routed_counts(spec, inputs.values(), stream))
             for cand, size in one_sided.items():
                 skipped[f"{bucket}:{cand.name}"] = f"align picks block size {size} on every input set"
                 log.info("tune: bucket %d: %s not timed: align picks block size %d on every input set, so it is "
                          "that member plus launches that exit at once", bucket, cand.name, size)
-                del runs[cand]
             cands = [c for c in cands if c not in one_sided]
             bar.update(len(labels) * len(one_sided))
+        runs: dict[Candidate, list[float]] = {c: [] for c in cands}  # median us per (routing, T), in order
         for routing, T in labels:
             sets = inputs.pop((routing, T))
             with stream:
