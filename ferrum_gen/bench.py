@@ -20,6 +20,7 @@ comparison of two results, the plot) lives here too and is tested on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -28,6 +29,7 @@ import operator
 import shlex
 import subprocess
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +83,15 @@ MAX_REPLAYS = 50
 GRAPH_BUDGET_S = 0.3
 """Replays of one graph stop after about this much GPU time (never fewer than MIN_REPLAYS)."""
 MATMUL_SIZE = 8192
+CLOCK_SAMPLE_MS = 20
+"""nvidia-smi's period while a case's graph replays (ClockSampler): up to ~15-20 samples in a case of
+GRAPH_BUDGET_S, none in the shortest (a T = 1 graph of 8 forwards replays in ~5 ms in all)."""
+SW_POWER_CAP = 0x4
+"""The software power cap's bit of nvidia-smi's clocks_throttle_reasons.active (NVML's clock event reasons)."""
+POWER_CAPPED_SHARE = 0.5
+"""A case ran power-capped when at least this share of its samples had SW_POWER_CAP set (the table's '*')."""
+CLOCK_NOTE_DROP = 0.03
+"""compare: a slower case whose median SM clock fell by more than this fraction is noted as such."""
 
 
 class BenchError(ValueError):
@@ -154,6 +165,21 @@ class RoutingStats(BaseModel):
     block_sizes: list[int]  # the block size picked for each set
 
 
+class LoadClocks(BaseModel):
+    """What nvidia-smi read every CLOCK_SAMPLE_MS while a case's graph replayed. On an H200 the layer at
+    T >= 512 holds the board at its 700 W cap, and the SM clock falls from 1980 MHz to ~1700 (1365 at worst):
+    the same kernels on x = 0 ran 6.5 % (T = 512) to 14 % (T = 4096) faster at 1980 MHz (docs/perf-notes.md,
+    sixty-fifth session), so two runs of one kernel can differ by their clocks alone."""
+
+    model_config = _FROZEN
+    samples: int
+    sm_mhz_median: float
+    sm_mhz_min: int
+    power_w_max: float | None = None
+    power_capped: float
+    """The share of the samples with the software power cap holding the clocks (SW_POWER_CAP)."""
+
+
 class KernelInfo(BaseModel):
     model_config = _FROZEN
     uri: str
@@ -205,6 +231,8 @@ class Case(BaseModel):
     kernels: dict[str, KernelInfo]
     split: Split | None = None
     accuracy: Accuracy
+    clocks: LoadClocks | None = None
+    """While the timed graph replayed; None where nvidia-smi gave nothing (and in results written before)."""
 
     @property
     def key(self) -> tuple[int, str, str]:
@@ -490,6 +518,12 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
                      f"{new.spec_name} {new.spec_hash[:12]} (new)")
     for k in sorted(compared):
         o, n = old_cases[k], new_cases[k]
+        if (n.median_us > o.median_us * (1.0 + threshold) and o.clocks is not None and n.clocks is not None
+                and n.clocks.sm_mhz_median < o.clocks.sm_mhz_median * (1.0 - CLOCK_NOTE_DROP)):
+            T, path, routing = k
+            notes.append(f"T={T} {path} {routing}: the SM clock fell from {o.clocks.sm_mhz_median:.0f} to "
+                         f"{n.clocks.sm_mhz_median:.0f} MHz (power-capped {o.clocks.power_capped:.0%} -> "
+                         f"{n.clocks.power_capped:.0%} of the samples), so part of the slowdown may be the card's")
         if abs(n.distinct_expert_bytes / o.distinct_expert_bytes - 1.0) > SAME_INPUTS_TOLERANCE:
             T, path, routing = k
             notes.append(f"T={T} {path} {routing}: other inputs (memory floor {o.memory_floor_us:.1f} -> "
@@ -508,9 +542,10 @@ def _path_label(case: Case) -> str:
 def summary_table(result: BenchResult) -> str:
     """One row per T/path/routing: timings, floors, rates, launches, accuracy, split check, torch."""
     torch_us = {(r.tokens, r.routing): r.median_us for r in result.torch.rows}
+    clocked = any(c.clocks is not None for c in result.cases)  # bench --clocks
     head = (f"{'T':>5} {'path':<9} {'routing':<8} {'median':>8} {'p10':>8} {'p90':>8} {'min':>8} "
             f"{'mem fl':>7} {'cmp fl':>7} {'xfloor':>6} {'GB/s':>6} {'TF/s':>6} {'lnch':>4} "
-            f"{'rel err':>8} {'split':>6} {'torch':>8}")
+            f"{'rel err':>8} {'split':>6} {'torch':>8}" + (f" {'SM MHz':>7}" if clocked else ""))
     rows = [f"{result.spec_name} on {result.environment.device}: us per forward; copy "
             f"{result.card.copy_bandwidth_gbps / 1e3:.2f} TB/s, matmul {result.card.matmul_tflops:.0f} TFLOP/s "
             f"({result.card.matmul_source})", head]
@@ -521,10 +556,20 @@ def summary_table(result: BenchResult) -> str:
         rows.append(f"{c.tokens:>5} {_path_label(c):<9} {c.routing:<8} {c.median_us:>8.1f} {c.p10_us:>8.1f} "
                     f"{c.p90_us:>8.1f} {c.min_us:>8.1f} {c.memory_floor_us:>7.1f} {c.compute_floor_us:>7.1f} "
                     f"{c.x_floor:>6.2f} {c.gbps:>6.0f} {c.tflops:>6.1f} {c.launches:>4} {err:>8} {split:>6} "
-                    f"{'-' if t_us is None else f'{t_us:.1f}':>8}")
+                    f"{'-' if t_us is None else f'{t_us:.1f}':>8}"
+                    + (f" {_clock_label(c.clocks):>7}" if clocked else ""))
     if not result.torch.available:
         rows.append(f"torch baseline: not run ({result.torch.note})")
+    if any(c.clocks is not None and c.clocks.power_capped >= POWER_CAPPED_SHARE for c in result.cases):
+        rows.append("SM MHz: the median SM clock while the graph replayed; * at the board's power cap "
+                    f"in {POWER_CAPPED_SHARE:.0%} of the samples or more")
     return "\n".join(rows)
+
+
+def _clock_label(clocks: LoadClocks | None) -> str:
+    if clocks is None:
+        return "-"
+    return f"{clocks.sm_mhz_median:.0f}" + ("*" if clocks.power_capped >= POWER_CAPPED_SHARE else "")
 
 
 def split_table(result: BenchResult) -> str:
@@ -737,6 +782,83 @@ def _nvidia_smi_clocks() -> tuple[Clocks | None, str | None]:
 
     return Clocks(sm_mhz=mhz(fields[0]), memory_mhz=mhz(fields[1]), sm_max_mhz=mhz(fields[2]),
                   memory_max_mhz=mhz(fields[3])), (fields[4] if len(fields) > 4 else None)
+
+
+def parse_clock_samples(lines: Iterable[str]) -> LoadClocks | None:
+    """LoadClocks from nvidia-smi's "clocks.sm, power.draw, clocks_throttle_reasons.active" lines (csv, no
+    header, no units); lines it cannot read (a "[N/A]" clock, a cut last line) are left out, None if none is left."""
+    rows = []
+    for line in lines:
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3:
+            continue
+        try:
+            sm, reasons = float(fields[0]), int(fields[2], 16)
+        except ValueError:
+            continue
+        try:
+            power = float(fields[1])
+        except ValueError:  # boards that do not report their draw
+            power = None
+        rows.append((sm, power, bool(reasons & SW_POWER_CAP)))
+    if not rows:
+        return None
+    clocks = [sm for sm, _, _ in rows]
+    powers = [p for _, p, _ in rows if p is not None]
+    return LoadClocks(samples=len(rows), sm_mhz_median=float(np.median(clocks)), sm_mhz_min=int(min(clocks)),
+                      power_w_max=max(powers) if powers else None,
+                      power_capped=sum(capped for _, _, capped in rows) / len(rows))
+
+
+class ClockSampler:
+    """Samples the SM clock, board power and throttle reasons of GPU 0 (as _nvidia_smi_clocks) with `nvidia-smi
+    -lms` while the with-block runs; `.result` is then parse_clock_samples' reading, None without nvidia-smi. The
+    block starts once the first sample is in (nvidia-smi takes ~0.1-0.3 s to start, longer than many cases)."""
+
+    QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
+    START_TIMEOUT_S = 3.0
+
+    def __init__(self, period_ms: int = CLOCK_SAMPLE_MS) -> None:
+        self.period_ms = period_ms
+        self.result: LoadClocks | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._first = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+            self._first.set()
+        self._first.set()  # nvidia-smi ended (an unknown GPU or field): no sample will come
+
+    def __enter__(self) -> ClockSampler:
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0",
+                 "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._first.wait(self.START_TIMEOUT_S)
+        self._lines.clear()  # the samples from before the block
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        taken = list(self._lines)
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        self.result = parse_clock_samples(taken)
 
 
 def git_commit(where: Path = Path(__file__).resolve().parent) -> str | None:
@@ -1078,6 +1200,9 @@ class BenchOptions:
     prefill_from: int = PREFILL_FROM
     default_rule: bool = False
     """Ignore the card's tuning table: time the default rule's choices (a baseline for the tuner)."""
+    clocks: bool = False
+    """Sample the clocks while each case's graph replays (ClockSampler). Off by default until it is shown on a GPU
+    that an nvidia-smi polling every CLOCK_SAMPLE_MS does not move the timings."""
     command: str = ""
 
     def __post_init__(self) -> None:  # before the GPU is touched: the CLI builds these first
@@ -1152,7 +1277,8 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
             def forwards(path=path, stop_after=None, sets=sets, out=out):  # bound now: the step ends with del
                 return lambda: [layer.forward(x, lg, out=out, path=path, stop_after=stop_after) for x, lg in sets]
 
-            per_forward = time_graph(forwards(), len(sets), stream, MAX_REPLAYS, budget_s=GRAPH_BUDGET_S)
+            with ClockSampler() if options.clocks else contextlib.nullcontext() as sampler:
+                per_forward = time_graph(forwards(), len(sets), stream, MAX_REPLAYS, budget_s=GRAPH_BUDGET_S)
             timing = timing_summary(per_forward)
             split = None
             # auto's split is its resolved path's, taken from that path's own row where one is timed too
@@ -1169,7 +1295,8 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
                 distinct_expert_bytes=distinct_bytes, flops=flops, memory_floor_us=fig.memory_floor_us,
                 compute_floor_us=fig.compute_floor_us, x_floor=fig.x_floor, gbps=fig.gbps, tflops=fig.tflops,
                 launches=layer.launch_count(T, resolved), kernels=kernel_infos(layer, T, resolved), split=split,
-                accuracy=Accuracy(rel_err=err, tolerance=tolerance, ok=ok, tokens_checked=n_check)))
+                accuracy=Accuracy(rel_err=err, tolerance=tolerance, ok=ok, tokens_checked=n_check),
+                clocks=sampler.result if sampler is not None else None))
             line.append(f"{path} {timing['median_us']:.1f} us")
         if torch_model is not None:
             cp.cuda.Device().synchronize()
@@ -1202,8 +1329,9 @@ def default_json_path(spec_name: str) -> str:
 
 
 __all__ = [
-    "BenchError", "BenchOptions", "BenchResult", "Card", "Case", "Comparison", "apply_overrides", "build_layer",
-    "compare", "copy_bandwidth", "expert_bytes", "figures", "full_report", "layer_flops", "load_result",
-    "make_input_sets", "make_logits", "matmul_rate", "paths_at", "plot", "poisoned_like", "quick_check",
-    "reference_rows", "register_weights", "routing_stats", "run_bench", "save_result", "summary_table", "time_graph",
+    "BenchError", "BenchOptions", "BenchResult", "Card", "Case", "ClockSampler", "Comparison", "LoadClocks",
+    "apply_overrides", "build_layer", "compare", "copy_bandwidth", "expert_bytes", "figures", "full_report",
+    "layer_flops", "load_result", "make_input_sets", "make_logits", "matmul_rate", "parse_clock_samples", "paths_at",
+    "plot", "poisoned_like", "quick_check", "reference_rows", "register_weights", "routing_stats", "run_bench",
+    "save_result", "summary_table", "time_graph",
 ]

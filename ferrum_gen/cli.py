@@ -177,7 +177,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 routings=bench.ROUTINGS if args.routing == "both" else (args.routing,),
                 rotations=args.rotations, seed=args.seed, torch_baseline=not args.no_torch, split=not args.no_split,
                 decode_up_to=args.decode_up_to, prefill_from=args.prefill_from, default_rule=args.default_rule,
-                command=bench.command_line(None))
+                clocks=args.clocks, command=bench.command_line(None))
             why = bench.gpu_unavailable_reason()
             if why is not None:
                 print(f"ferrum-gen bench: error: it needs a CUDA GPU with CuPy ({why})", file=sys.stderr)
@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-split", action="store_true", help="skip the per-phase split")
     p.add_argument("--default-rule", action="store_true",
                    help="ignore the card's tuning table and time the default rule's kernel choices")
+    p.add_argument("--clocks", action="store_true",
+                   help="sample the SM clock, board power and power-cap throttling with nvidia-smi while each case's "
+                        "graph replays (recorded per case; --compare notes a slower case whose clock fell)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the inputs (each T and routing a stream of its own) and the skewed "
                         "popularity")

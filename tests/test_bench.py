@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -218,8 +219,10 @@ def test_bench_reports_a_bad_override_before_looking_for_a_gpu(monkeypatch, caps
 
 def test_json_round_trip_keeps_every_field(tmp_path) -> None:
     split = bench.make_split({"route": 3.0, "gate_up_silu": 15.0, "down_combine": 27.0}, 27.7)
-    result = make_result(BASE).model_copy(update={"cases": [make_case(1, "decode", "uniform", 27.7, split=split),
-                                                            make_case(8, "auto", "skewed", 150.0, rel_err=float("nan"))]})
+    clocks = bench.LoadClocks(samples=6, sm_mhz_median=1717.5, sm_mhz_min=1365, power_w_max=None, power_capped=0.5)
+    result = make_result(BASE).model_copy(update={"cases": [
+        make_case(1, "decode", "uniform", 27.7, split=split).model_copy(update={"clocks": clocks}),
+        make_case(8, "auto", "skewed", 150.0, rel_err=float("nan"))]})
     path = tmp_path / "r.json"
     bench.save_result(result, path)
     data = json.loads(path.read_text())
@@ -395,6 +398,59 @@ def test_plot_writes_a_png_from_a_saved_json(tmp_path, capsys) -> None:
     assert "median" in capsys.readouterr().out
 
 
+# --- the clocks under load -------------------------------------------------------------------------
+
+def test_clock_samples_give_the_median_clock_the_peak_power_and_the_power_capped_share() -> None:
+    lines = ["1980, 650.20, 0x0000000000000000", "1710, 699.80, 0x0000000000000004", "1365, 702.10, 0x0000000000000004",
+             "1725, [N/A], 0x0000000000000004", "[N/A], 600.0, 0x0", "17"]  # no draw; no clock; a cut last line
+    clocks = bench.parse_clock_samples(lines)
+    assert clocks == bench.LoadClocks(samples=4, sm_mhz_median=1717.5, sm_mhz_min=1365, power_w_max=702.1,
+                                      power_capped=0.75)
+    assert bench.parse_clock_samples(["garbage", ""]) is None
+
+
+def test_the_sampler_keeps_what_nvidia_smi_read_while_its_block_ran(tmp_path, monkeypatch) -> None:
+    # a stand-in for nvidia-smi -lms: a first sample at once, then one every 0.2 s until stopped
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho '1980, 400.0, 0x0'\nwhile true; do sleep 0.2; echo '1650, 701.0, 0x4'; done\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with bench.ClockSampler() as sampler:
+        time.sleep(0.5)
+    # the sample from before the block is left out
+    assert sampler.result is not None and sampler.result.sm_mhz_median == 1650.0 and sampler.result.samples >= 1
+    assert sampler.result.power_capped == 1.0 and sampler.result.power_w_max == 701.0
+
+
+def test_the_sampler_gives_nothing_without_nvidia_smi(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with bench.ClockSampler() as sampler:
+        pass
+    assert sampler.result is None
+
+
+def test_the_table_shows_each_cases_clock_and_compare_names_a_fallen_clock() -> None:
+    capped = bench.LoadClocks(samples=8, sm_mhz_median=1650.0, sm_mhz_min=1365, power_w_max=703.0, power_capped=1.0)
+    free = bench.LoadClocks(samples=8, sm_mhz_median=1980.0, sm_mhz_min=1965, power_w_max=610.0, power_capped=0.0)
+    key = (4096, "prefill", "uniform")
+    old = make_result(BASE)
+    old = old.model_copy(update={"cases": [c.model_copy(update={"clocks": free}) if c.key == key else c
+                                           for c in old.cases]})
+    new = make_result({**BASE, key: 4996.0 * 1.1})
+    new = new.model_copy(update={"cases": [c.model_copy(update={"clocks": capped}) if c.key == key else c
+                                           for c in new.cases]})
+    table = bench.summary_table(new)
+    assert "SM MHz" in table and " 1650*" in table and "power cap" in table
+    plain = bench.summary_table(make_result(BASE))  # no clocks recorded (no --clocks): no column, no legend
+    assert "SM MHz" not in plain and "power cap" not in plain
+    comparison = bench.compare(old, new)
+    assert comparison.regressed
+    assert any("T=4096 prefill uniform: the SM clock fell from 1980 to 1650 MHz" in n for n in comparison.notes)
+    # a slower case at the same clock, or a faster one at a lower clock, gets no such note
+    assert not any("SM clock" in n for n in bench.compare(new, new).notes)
+    assert not any("SM clock" in n for n in bench.compare(new, old).notes)
+
+
 def test_peers_are_recorded_for_the_issue_token_counts() -> None:
     for name, points in bench.PEERS_US.items():
         assert sorted(points) == [1, 8, 64, 512, 4096], name
@@ -409,7 +465,7 @@ def test_bench_runs_on_the_gpu_for_the_tiny_spec(tmp_path) -> None:
     if why is not None:
         pytest.skip(f"GPU run skipped: {why}")
     spec = load_spec("tiny")
-    options = bench.BenchOptions(tokens=(1, 8, 64), rotations=2, command="test")
+    options = bench.BenchOptions(tokens=(1, 8, 64), rotations=2, clocks=True, command="test")
     result = bench.run_bench(spec, options)
     keys = {c.key for c in result.cases}
     assert keys == {(T, p, r) for r in bench.ROUTINGS for T in (1, 8, 64) for p in bench.paths_at(T, spec, bench.PATHS)}
