@@ -83,8 +83,8 @@ MAX_REPLAYS = 50
 GRAPH_BUDGET_S = 0.3
 """Replays of one graph stop after about this much GPU time (never fewer than MIN_REPLAYS)."""
 MATMUL_SIZE = 8192
-CLOCK_SAMPLE_MS = 20
-"""nvidia-smi's period while a case's graph replays (ClockSampler): up to ~15-20 samples in a case of
+CLOCK_SAMPLE_MS = 50
+"""The pause between two nvidia-smi queries while a case's graph replays (ClockSampler): a few samples in a case of
 GRAPH_BUDGET_S, none in the shortest (a T = 1 graph of 8 forwards replays in ~5 ms in all)."""
 SW_POWER_CAP = 0x4
 """The software power cap's bit of nvidia-smi's clocks_throttle_reasons.active (NVML's clock event reasons)."""
@@ -811,53 +811,47 @@ def parse_clock_samples(lines: Iterable[str]) -> LoadClocks | None:
 
 
 class ClockSampler:
-    """Samples the SM clock, board power and throttle reasons of GPU 0 (as _nvidia_smi_clocks) with `nvidia-smi
-    -lms` while the with-block runs; `.result` is then parse_clock_samples' reading, None without nvidia-smi. The
-    block starts once the first sample is in (nvidia-smi takes ~0.1-0.3 s to start, longer than many cases)."""
+    """Samples the SM clock, board power and throttle reasons of GPU 0 (as _nvidia_smi_clocks) while the with-block
+    runs, by one nvidia-smi query after another with CLOCK_SAMPLE_MS between them (each query takes ~20-50 ms: on an
+    H200, ~15 samples in 1.2 s); `.result` is then parse_clock_samples' reading, None without nvidia-smi. The block
+    starts once the first sample is in. One query at a time, rather than `nvidia-smi -lms`, whose output through a
+    pipe may sit in its buffer until it exits."""
 
     QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
-    START_TIMEOUT_S = 3.0
+    START_TIMEOUT_S = 5.0
 
     def __init__(self, period_ms: int = CLOCK_SAMPLE_MS) -> None:
         self.period_ms = period_ms
         self.result: LoadClocks | None = None
-        self._proc: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._first = threading.Event()
-        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            self._lines.append(line)
+    def _sample(self) -> None:
+        command = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0"]
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
+            except (OSError, subprocess.SubprocessError):
+                break  # no nvidia-smi, or it cannot read this card: no samples
+            self._lines.extend(out.splitlines())
             self._first.set()
-        self._first.set()  # nvidia-smi ended (an unknown GPU or field): no sample will come
+            self._stop.wait(self.period_ms / 1e3)
+        self._first.set()
 
     def __enter__(self) -> ClockSampler:
-        try:
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0",
-                 "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            return self
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         self._first.wait(self.START_TIMEOUT_S)
-        self._lines.clear()  # the samples from before the block
+        self._lines.clear()  # the sample from before the block
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._proc is None:
-            return
         taken = list(self._lines)
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=10)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
         self.result = parse_clock_samples(taken)
 
 

@@ -410,16 +410,18 @@ def test_clock_samples_give_the_median_clock_the_peak_power_and_the_power_capped
 
 
 def test_the_sampler_keeps_what_nvidia_smi_read_while_its_block_ran(tmp_path, monkeypatch) -> None:
-    # a stand-in for nvidia-smi -lms: a first sample at once, then one every 0.2 s until stopped
-    tool = tmp_path / "nvidia-smi"
-    tool.write_text("#!/bin/sh\necho '1980, 400.0, 0x0'\nwhile true; do sleep 0.2; echo '1650, 701.0, 0x4'; done\n")
+    # a stand-in for nvidia-smi: its first query answers an idle card, every later one a power-capped card
+    tool, first = tmp_path / "nvidia-smi", tmp_path / "answered"
+    tool.write_text(f"#!/bin/sh\nif [ -e {first} ]; then echo '1650, 701.0, 0x0000000000000004'; "
+                    f"else touch {first}; echo '1980, 400.0, 0x0000000000000000'; fi\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     with bench.ClockSampler() as sampler:
         time.sleep(0.5)
     # the sample from before the block is left out
-    assert sampler.result is not None and sampler.result.sm_mhz_median == 1650.0 and sampler.result.samples >= 1
-    assert sampler.result.power_capped == 1.0 and sampler.result.power_w_max == 701.0
+    assert sampler.result is not None and sampler.result.samples >= 2
+    got = sampler.result
+    assert (got.sm_mhz_median, got.power_capped, got.power_w_max) == (1650.0, 1.0, 701.0)
 
 
 def test_the_sampler_gives_nothing_without_nvidia_smi(tmp_path, monkeypatch) -> None:
