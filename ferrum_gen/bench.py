@@ -166,7 +166,7 @@ class RoutingStats(BaseModel):
 
 
 class LoadClocks(BaseModel):
-    """What nvidia-smi read every CLOCK_SAMPLE_MS while a case's graph replayed. On an H200 the layer at
+    """What nvidia-smi read while a case's graph replayed (ClockSampler). On an H200 the layer at
     T >= 512 holds the board at its 700 W cap, and the SM clock falls from 1980 MHz to ~1700 (1365 at worst):
     the same kernels on x = 0 ran 6.5 % (T = 512) to 14 % (T = 4096) faster at 1980 MHz (docs/perf-notes.md,
     sixty-fifth session), so two runs of one kernel can differ by their clocks alone."""
@@ -518,14 +518,13 @@ def compare(old: BenchResult, new: BenchResult, threshold: float = COMPARE_THRES
                      f"{new.spec_name} {new.spec_hash[:12]} (new)")
     for k in sorted(compared):
         o, n = old_cases[k], new_cases[k]
+        T, path, routing = k
         if (n.median_us > o.median_us * (1.0 + threshold) and o.clocks is not None and n.clocks is not None
                 and n.clocks.sm_mhz_median < o.clocks.sm_mhz_median * (1.0 - CLOCK_NOTE_DROP)):
-            T, path, routing = k
             notes.append(f"T={T} {path} {routing}: the SM clock fell from {o.clocks.sm_mhz_median:.0f} to "
                          f"{n.clocks.sm_mhz_median:.0f} MHz (power-capped {o.clocks.power_capped:.0%} -> "
                          f"{n.clocks.power_capped:.0%} of the samples), so part of the slowdown may be the card's")
         if abs(n.distinct_expert_bytes / o.distinct_expert_bytes - 1.0) > SAME_INPUTS_TOLERANCE:
-            T, path, routing = k
             notes.append(f"T={T} {path} {routing}: other inputs (memory floor {o.memory_floor_us:.1f} -> "
                          f"{n.memory_floor_us:.1f} us), so compare x floor too: {o.x_floor:.2f} -> {n.x_floor:.2f}")
     return Comparison(threshold=threshold, changes=changes,
@@ -764,15 +763,22 @@ def matmul_rate(prefer_torch: bool = True) -> float:
     return 2.0 * n**3 / (ms / 1e3)
 
 
+def _nvidia_smi_query(query: str, timeout_s: float = 20) -> list[str] | None:
+    """GPU 0's answer to `nvidia-smi --query-gpu=<query>` (csv, no header, no units), a line a GPU; None where
+    nvidia-smi is missing or fails."""
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=timeout_s, check=True).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _nvidia_smi_clocks() -> tuple[Clocks | None, str | None]:
     """(clocks, driver) from nvidia-smi, None where it cannot be read."""
-    query = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version"
-    try:
-        line = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
-                              capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
+    lines = _nvidia_smi_query("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version")
+    if not lines:
         return None, None
-    fields = [f.strip() for f in line.split(",")]
+    fields = [f.strip() for f in lines[0].split(",")]
 
     def mhz(value: str) -> int | None:
         try:
@@ -829,13 +835,11 @@ class ClockSampler:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        command = ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-i", "0"]
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
-            except (OSError, subprocess.SubprocessError):
+            lines = _nvidia_smi_query(self.QUERY, timeout_s=10)
+            if lines is None:
                 break  # no nvidia-smi, or it cannot read this card: no samples
-            self._lines.extend(out.splitlines())
+            self._lines.extend(lines)
             self._first.set()
             self._stop.wait(self.period_ms / 1e3)
         self._first.set()
