@@ -763,19 +763,36 @@ def matmul_rate(prefer_torch: bool = True) -> float:
     return 2.0 * n**3 / (ms / 1e3)
 
 
-def _nvidia_smi_query(query: str, timeout_s: float = 20) -> list[str] | None:
-    """GPU 0's answer to `nvidia-smi --query-gpu=<query>` (csv, no header, no units), a line a GPU; None where
-    nvidia-smi is missing or fails."""
+def _nvidia_smi_query(query: str, card: str, timeout_s: float = 20) -> list[str] | None:
+    """The answer of card `card` (nvidia-smi's -i: an index or a "GPU-..." UUID, card_id) to `nvidia-smi
+    --query-gpu=<query>` (csv, no header, no units); None where nvidia-smi is missing or fails."""
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+        return subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", card],
                               capture_output=True, text=True, timeout=timeout_s, check=True).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def _nvidia_smi_clocks() -> tuple[Clocks | None, str | None]:
+def card_id(uuid: bytes | None, index: int) -> str:
+    """nvidia-smi's name (-i) of the card CuPy runs on: its UUID as nvidia-smi writes it ("GPU-" and 8-4-4-4-12 hex
+    digits), which holds where CUDA_VISIBLE_DEVICES renumbers the cards; the CUDA index where no UUID is known."""
+    if not uuid or len(uuid) != 16:
+        return str(index)
+    h = uuid.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _current_card_id() -> str:
+    import cupy as cp
+
+    index = cp.cuda.Device().id
+    uuid = cp.cuda.runtime.getDeviceProperties(index).get("uuid")
+    return card_id(uuid if isinstance(uuid, bytes) else None, index)
+
+
+def _nvidia_smi_clocks(card: str) -> tuple[Clocks | None, str | None]:
     """(clocks, driver) from nvidia-smi, None where it cannot be read."""
-    lines = _nvidia_smi_query("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version")
+    lines = _nvidia_smi_query("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version", card)
     if not lines:
         return None, None
     fields = [f.strip() for f in lines[0].split(",")]
@@ -817,7 +834,7 @@ def parse_clock_samples(lines: Iterable[str]) -> LoadClocks | None:
 
 
 class ClockSampler:
-    """Samples the SM clock, board power and throttle reasons of GPU 0 (as _nvidia_smi_clocks) while the with-block
+    """Samples the SM clock, board power and throttle reasons of card `card` (nvidia-smi's -i: card_id) while the with-block
     runs, by one nvidia-smi query after another with CLOCK_SAMPLE_MS between them (each query takes ~20-50 ms: on an
     H200, ~15 samples in 1.2 s); `.result` is then parse_clock_samples' reading, None without nvidia-smi. The block
     starts once the first sample is in. One query at a time, rather than `nvidia-smi -lms`, whose output through a
@@ -826,7 +843,8 @@ class ClockSampler:
     QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
     START_TIMEOUT_S = 5.0
 
-    def __init__(self, period_ms: int = CLOCK_SAMPLE_MS) -> None:
+    def __init__(self, card: str, period_ms: int = CLOCK_SAMPLE_MS) -> None:
+        self.card = card
         self.period_ms = period_ms
         self.result: LoadClocks | None = None
         self._lines: list[str] = []
@@ -836,7 +854,7 @@ class ClockSampler:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            lines = _nvidia_smi_query(self.QUERY, timeout_s=10)
+            lines = _nvidia_smi_query(self.QUERY, self.card, timeout_s=10)
             if lines is None:
                 break  # no nvidia-smi, or it cannot read this card: no samples
             self._lines.extend(lines)
@@ -876,7 +894,7 @@ def git_commit(where: Path = Path(__file__).resolve().parent) -> str | None:
     return commit + ("-dirty" if changes else "") if changes is not None else commit
 
 
-def environment(command: str) -> Environment:
+def environment(command: str, card: str) -> Environment:
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -885,7 +903,7 @@ def environment(command: str) -> Environment:
     def cuda_version(v: int) -> str:
         return f"{v // 1000}.{v % 1000 // 10}"
 
-    clocks, smi_driver = _nvidia_smi_clocks()
+    clocks, smi_driver = _nvidia_smi_clocks(card)
     torch = _torch()
     return Environment(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1198,9 +1216,9 @@ class BenchOptions:
     prefill_from: int = PREFILL_FROM
     default_rule: bool = False
     """Ignore the card's tuning table: time the default rule's choices (a baseline for the tuner)."""
-    clocks: bool = False
-    """Sample the clocks while each case's graph replays (ClockSampler). Off by default until it is shown on a GPU
-    that an nvidia-smi polling every CLOCK_SAMPLE_MS does not move the timings."""
+    clocks: bool = True
+    """Sample the clocks while each case's graph replays (ClockSampler). On an H200 the polling moved no case's
+    median by more than run-to-run noise (docs/perf-notes.md, sixty-sixth session)."""
     command: str = ""
 
     def __post_init__(self) -> None:  # before the GPU is touched: the CLI builds these first
@@ -1218,7 +1236,8 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
     """Time every (T, path, routing) of `options` on the current GPU; needs CuPy and a CUDA GPU."""
     import cupy as cp
 
-    env = environment(options.command)
+    smi_card = _current_card_id()  # nvidia-smi's name of this card, for its clocks
+    env = environment(options.command, smi_card)
     _progress(f"bench {spec.name} on {env.device}: measuring the card")
     card = Card(copy_bandwidth_gbps=copy_bandwidth() / 1e9, matmul_tflops=matmul_rate() / 1e12,
                 matmul_source=f"torch.matmul bf16 {MATMUL_SIZE}^3" if _torch() is not None
@@ -1275,7 +1294,7 @@ def run_bench(spec: MoeSpec, options: BenchOptions) -> BenchResult:
             def forwards(path=path, stop_after=None, sets=sets, out=out):  # bound now: the step ends with del
                 return lambda: [layer.forward(x, lg, out=out, path=path, stop_after=stop_after) for x, lg in sets]
 
-            with ClockSampler() if options.clocks else contextlib.nullcontext() as sampler:
+            with ClockSampler(smi_card) if options.clocks else contextlib.nullcontext() as sampler:
                 per_forward = time_graph(forwards(), len(sets), stream, MAX_REPLAYS, budget_s=GRAPH_BUDGET_S)
             timing = timing_summary(per_forward)
             split = None

@@ -341,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-split", action="store_true", help="skip the per-phase split")
     p.add_argument("--default-rule", action="store_true",
                    help="ignore the card's tuning table and time the default rule's kernel choices")
-    p.add_argument("--clocks", action="store_true",
+    p.add_argument("--clocks", action=argparse.BooleanOptionalAction, default=True,
                    help="sample the SM clock, board power and power-cap throttling with nvidia-smi while each case's "
-                        "graph replays (recorded per case; --compare notes a slower case whose clock fell)")
+                        "graph replays (recorded per case; --compare notes a slower case whose clock fell); "
+                        "on by default")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the inputs (each T and routing a stream of its own) and the skewed "
                         "popularity")

@@ -416,7 +416,7 @@ def test_the_sampler_keeps_what_nvidia_smi_read_while_its_block_ran(tmp_path, mo
                     f"else touch {first}; echo '1980, 400.0, 0x0000000000000000'; fi\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    with bench.ClockSampler() as sampler:
+    with bench.ClockSampler("0") as sampler:
         time.sleep(0.5)
     # the sample from before the block is left out
     assert sampler.result is not None and sampler.result.samples >= 2
@@ -424,9 +424,24 @@ def test_the_sampler_keeps_what_nvidia_smi_read_while_its_block_ran(tmp_path, mo
     assert (got.sm_mhz_median, got.power_capped, got.power_w_max) == (1650.0, 1.0, 701.0)
 
 
+def test_the_clock_samples_name_the_card_by_its_uuid(tmp_path, monkeypatch) -> None:
+    """nvidia-smi numbers the cards its own way: with CUDA_VISIBLE_DEVICES=1, CUDA's card 0 is nvidia-smi's 1. So the
+    card is named by its UUID, which both share, and by the CUDA index only where no UUID is known."""
+    uuid = bytes(range(16))
+    assert bench.card_id(uuid, 0) == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert bench.card_id(None, 3) == "3" and bench.card_id(b"", 1) == "1"
+    tool, asked = tmp_path / "nvidia-smi", tmp_path / "asked"
+    tool.write_text(f"#!/bin/sh\necho \"$@\" >> {asked}\necho '1700, 650.0, 0x0'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with bench.ClockSampler(bench.card_id(uuid, 0)):
+        time.sleep(0.2)
+    assert all(line.endswith("-i GPU-00010203-0405-0607-0809-0a0b0c0d0e0f") for line in asked.read_text().splitlines())
+
+
 def test_the_sampler_gives_nothing_without_nvidia_smi(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with bench.ClockSampler() as sampler:
+    with bench.ClockSampler("0") as sampler:
         pass
     assert sampler.result is None
 
@@ -467,8 +482,14 @@ def test_bench_runs_on_the_gpu_for_the_tiny_spec(tmp_path) -> None:
     if why is not None:
         pytest.skip(f"GPU run skipped: {why}")
     spec = load_spec("tiny")
-    options = bench.BenchOptions(tokens=(1, 8, 64), rotations=2, clocks=True, command="test")
+    options = bench.BenchOptions(tokens=(1, 8, 64), rotations=2, command="test")  # clocks sampled by default
     result = bench.run_bench(spec, options)
+    if shutil.which("nvidia-smi"):
+        # this card's clocks, asked for by its UUID; the tiny spec's cases replay too briefly for a sample of their own
+        assert result.environment.clocks is not None
+        with bench.ClockSampler(bench._current_card_id()) as sampler:
+            time.sleep(0.5)
+        assert sampler.result is not None and sampler.result.samples > 0 and sampler.result.sm_mhz_median > 0
     keys = {c.key for c in result.cases}
     assert keys == {(T, p, r) for r in bench.ROUTINGS for T in (1, 8, 64) for p in bench.paths_at(T, spec, bench.PATHS)}
     for c in result.cases:
