@@ -834,11 +834,11 @@ def parse_clock_samples(lines: Iterable[str]) -> LoadClocks | None:
 
 
 class ClockSampler:
-    """Samples the SM clock, board power and throttle reasons of card `card` (nvidia-smi's -i: card_id) while the with-block
-    runs, by one nvidia-smi query after another with CLOCK_SAMPLE_MS between them (each query takes ~20-50 ms: on an
-    H200, ~15 samples in 1.2 s); `.result` is then parse_clock_samples' reading, None without nvidia-smi. The block
-    starts once the first sample is in. One query at a time, rather than `nvidia-smi -lms`, whose output through a
-    pipe may sit in its buffer until it exits."""
+    """Samples the SM clock, board power and throttle reasons of card `card` (nvidia-smi's -i: card_id) while the
+    with-block runs, by one nvidia-smi query after another with CLOCK_SAMPLE_MS between them (each query takes ~20-50
+    ms: on an H200, ~15 samples in 1.2 s); `.result` is then parse_clock_samples' reading, None without nvidia-smi.
+    The block starts once the first sample is in. One query at a time, rather than `nvidia-smi -lms`, whose output
+    through a pipe may sit in its buffer until it exits."""
 
     QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
     START_TIMEOUT_S = 5.0
