@@ -84,8 +84,8 @@ GRAPH_BUDGET_S = 0.3
 """Replays of one graph stop after about this much GPU time (never fewer than MIN_REPLAYS)."""
 MATMUL_SIZE = 8192
 CLOCK_SAMPLE_MS = 50
-"""The pause between two nvidia-smi queries while a case's graph replays (ClockSampler): a few samples in a case of
-GRAPH_BUDGET_S, none in the shortest (a T = 1 graph of 8 forwards replays in ~5 ms in all)."""
+"""The pause between two nvidia-smi queries while a case's graph replays (ClockSampler). With a query's own ~20-50
+ms, a case that replays for less than ~100 ms (MAX_REPLAYS caps it: on an H200, qwen3moe T <= 256) records no sample."""
 SW_POWER_CAP = 0x4
 """The software power cap's bit of nvidia-smi's clocks_throttle_reasons.active (NVML's clock event reasons)."""
 POWER_CAPPED_SHARE = 0.5
