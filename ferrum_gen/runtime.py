@@ -169,7 +169,7 @@ def decode_token_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens
 
 def block_size_cap(spec: MoeSpec, table: tuning.TuningTable | None, max_tokens: int) -> int:
     """The largest block size align is told to use up to max_tokens by default: the spec's largest,
-    or a tuned stream variant's (w64, w96, w128) in a bucket that starts at or below max_tokens, or without a
+    or a tuned stream variant's (w64 to w160) in a bucket that starts at or below max_tokens, or without a
     table the default rule's stream variant at max_tokens (its block grows with T). The aligned scratch is
     padded for it and grows if a larger one is forced."""
     sizes = list(spec.prefill.block_sizes)

@@ -38,8 +38,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS == 0, reason=f"GPU suite
 TOKEN_COUNTS = (1, 2, 7, 33, 64, 513, 4097)
 GROUPED_TOKEN_COUNTS = (1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 64)
 """The grouped path's kernels: every count around its 8- and 16-token passes."""
-STREAM_TOKEN_COUNTS = (1, 32, 33, 64, 65, 127, 129, 512, 513, 1000, 4096, 4097)
-"""The stream path's kernels: around their 32-, 64- and 128-token blocks (one expert takes every
+STREAM_TOKEN_COUNTS = (1, 32, 33, 64, 65, 127, 129, 161, 512, 513, 1000, 4096, 4097)
+"""The stream path's kernels: around their 32-, 64-, 128- and 160-token blocks (one expert takes every
 token in one of the routings), and up to the layer's max_tokens."""
 MAX_TOKENS = max(TOKEN_COUNTS)
 # ||out - ref|| / ||ref|| bounds from the design brief

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from ferrum_gen.compile import ARCH_SPECIFIC
-from ferrum_gen.families.base import Arg
+from ferrum_gen.families.base import SMEM_LIMIT, Arg
+from ferrum_gen.families.stream import SMEM_RESERVED_PER_CTA
 from ferrum_gen.render import render_spec, write_bundle
 from ferrum_gen.spec import Arch, MoeSpec, load_spec, shipped_spec_names
 
@@ -86,6 +87,32 @@ def test_generated_cuda_compiles_with_nvcc(compiled: Compiled) -> None:
     assert not compiled.failures, "\n\n".join(compiled.failures)
     for src in compiled.sources:
         assert (compiled.out_dir / (src.stem + ".cubin")).stat().st_size > 0
+
+
+def test_every_kernels_ring_fits_the_sm_beside_its_static_shared_memory(compiled: Compiled) -> None:
+    """The families size a kernel's dynamic shared memory (its ring) from an estimate of the static shared memory
+    ptxas gives it (families/stream.py static_smem); a wrong estimate shows only at launch, as a kernel that cannot
+    start. So each kernel's static shared memory, read from its cubin, plus its dynamic shared memory on this arch
+    fits the SM at its CTAs an SM."""
+    assert not compiled.failures, "the bundle does not compile (test_generated_cuda_compiles_with_nvcc)"
+    cuobjdump = _cuobjdump()
+    arch = Arch(compiled.arch)
+    checked, over = 0, []
+    for rendered in render_spec(compiled.spec):
+        kern = rendered.kernel
+        dynamic = kern.launch.get("smem_bytes")
+        if not isinstance(dynamic, dict) or arch.value not in dynamic:
+            continue
+        usage = subprocess.run([cuobjdump, "-res-usage", str(compiled.out_dir / f"{kern.uri}.cubin")],
+                               capture_output=True, text=True, check=True).stdout
+        static = int(re.search(r"SHARED:(\d+)", usage).group(1))
+        ctas = kern.launch.get("ctas_per_sm", 1)
+        per_cta = static + dynamic[arch.value] + SMEM_RESERVED_PER_CTA
+        if ctas * per_cta > SMEM_LIMIT[arch] + SMEM_RESERVED_PER_CTA:
+            over.append(f"{kern.uri}: {ctas} x ({static} static + {dynamic[arch.value]} dynamic + reserved)")
+        checked += 1
+    assert checked, "no kernel with dynamic shared memory checked"
+    assert not over, "shared memory over the SM's:\n" + "\n".join(over)
 
 
 ALIGN_OUTPUTS = frozenset({"sorted_ids", "block_expert", "block_a_row", "plan"})

@@ -65,8 +65,9 @@ def test_the_default_rules_stream_variant_is_within_3_percent_of_the_committed_t
     """Each committed table's stream buckets whose edges the rule gives one variant: that variant was timed
     within 3 % of the bucket's pick (summed over edges and routings). Buckets pinned by hand to a variant the
     tuner did not time there (the mixed b32x2+w64 at qwen3moe 257-384, qwen3moe_235b 257-384, olmoe 129-192)
-    have no timing of the pick to compare with. The sums hide a loss at one edge: at qwen3moe_235b T = 128 skewed
-    the rule's b16x4 was 18 % slower than b32x2 in a bench (docs/perf-notes.md, sixty-fourth session)."""
+    have no timing of the pick to compare with, and buckets tuned before the rule's variant existed none of it.
+    The sums hide a loss at one edge: at qwen3moe_235b T = 128 skewed the rule's b16x4 was 18 % slower than b32x2
+    in a bench (docs/perf-notes.md, sixty-fourth session)."""
     from ferrum_gen.families import stream
     from ferrum_gen.runtime import REPO_GENERATED
 
@@ -82,6 +83,8 @@ def test_the_default_rules_stream_variant_is_within_3_percent_of_the_committed_t
             if entry.path != "stream" or len(rule) != 1 or entry.variants["stream_down"] not in timed:
                 continue
             (variant,) = rule
+            if variant not in timed:  # a variant newer than the bucket's tuning
+                continue
             assert timed[variant] <= timed[entry.variants["stream_down"]] * 1.03, (path, entry.bucket, variant)
             compared += 1
     assert compared >= 60
@@ -357,7 +360,7 @@ def test_the_stream_families_take_one_variant_together() -> None:
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == sorted(f"stream:stream_gate_up_silu={v},stream_down={v}"
                                                     for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b32x2+w64",
-                                                              "b64", "w128", "w64", "w96"))
+                                                              "b64", "w128", "w160", "w64", "w96"))
     # timed in the buckets from STREAM_TUNE_MIN (5 tokens) up, never below (align and combine cost more than the
     # kernels save there): bucket 6 after 4 (5-6) and a bucket at 5 split off it both time it, bucket 4 does not
     def streams(bucket, buckets):

@@ -6,10 +6,10 @@ one aligned block's expert and all of the block's tokens (up to the block size, 
 side), and streams its tiles' quantized blocks and activations through a cp.async ring as deep
 as the arch's shared memory allows (templates/stream.cuh.j2). One kernel per block size of the
 spec from 16 to 64 (variant b<size>, and b<size>x2 and b<size>x4 at two and four CTAs an SM
-where that fits), and on sm_90 the wgmma forms w64, w96 and w128 (blocks of 64, 96 and 128, a warp
+where that fits), and on sm_90 the wgmma forms w64, w96, w128 and w160 (blocks of 64 to 160, a warp
 per 16 rows: twice the warps for gate+up, each warp 8 rows of gate over the same 8 of up, and twice the
-rows for the down of w64 and w96, wg_down_rows; plus copying warps, a warp for down and a warpgroup for
-gate+up): the runtime has align use the variant's size.
+rows for the down of w64 and w96, wg_down_rows, three quarters of them for w160's gate+up, WG_WIDE_ROWS; plus
+copying warps, a warp for down and a warpgroup for gate+up): the runtime has align use the variant's size.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ DEFAULT_PREFERENCE = ((32, 2), (64, 1), (32, 1))
 """The family's default variant (the manifest's), in this order where it runs on every target arch: the
 default rule's stream variant where the one RULE_BY_PAIRS_PER_EXPERT names does not run on the card. b32x2 won
 every tuned bucket from 32 to 1024 tokens on an H200 (qwen3moe, olmoe) before the wgmma variants existed."""
-RULE_BY_PAIRS_PER_EXPERT = ((8, "b16x4"), (24, "b32x2"), (56, "w64"), (88, "w96"), (math.inf, "w128"))
+RULE_BY_PAIRS_PER_EXPERT = ((8, "b16x4"), (24, "b32x2"), (56, "w64"), (88, "w96"), (112, "w128"), (math.inf, "w160"))
 """The default rule's stream variant by the pairs an expert gets on average, T * top_k / num_experts: the
 first whose bound that mean does not pass. Where the mean nears a block's height, about half the experts need a
 second block, which streams their weights again, so the best block grows with the mean. Against every H200
@@ -53,10 +53,17 @@ b32x2, was up to 2.2x slower than the pick (docs/perf-notes.md, sixty-third sess
 (H200, four specs, T = 64-4096, both routings) it was 16-68 % faster on qwen3moe and 0-57 % on the others, except at
 qwen3moe_235b T = 128 skewed (m = 8): +18 %. There b16x4 loses to b32x2 under skewed routing from m = 7 (+9 %), where
 on qwen3moe, olmoe and mixtral it still wins or ties; a bound of 6 or 7 would cost those specs up to 14.5 %, and 8
-has the least mean and worst loss over the four specs' sweep (docs/perf-notes.md, sixty-fourth session)."""
+has the least mean and worst loss over the four specs' sweep (docs/perf-notes.md, sixty-fourth session). w160 (where
+the spec has it) from a mean of 112: its tuned buckets start at qwen3moe's T = 1793 and qwen3moe_235b's 1409, and in
+an A/B on an H200 it made both layers 11-15 % faster at T = 2048-2560 under uniform routing, 2-5 % under skewed, up
+to 5 % at 4096, and 2-3 % slower at T = 3072 uniform (docs/perf-notes.md, sixty-seventh session)."""
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
 scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
+WG_STATIC_SMEM = 2048
+"""The same room in the wgmma kernels, beside their Q4_K scale tables: ptxas -v (nvcc 13.0) gives them
+1 KB (the ring's mbarriers, claimed tiles and Q6_K block scales at two stages); with STATIC_SMEM two stages of
+w144's gate+up would not fit."""
 BLOCK_D_BYTES = 2
 """stream.cuh's block_d: each row's Q6_K block scale a stage, f16 as stored."""
 WG_SCALE_TABLE_BYTES = 512
@@ -64,7 +71,7 @@ WG_SCALE_TABLE_BYTES = 512
 wgmma form (WgFrag::SCALE_SLOTS entries of 8 bytes)."""
 WGMMA_ARCHS = (Arch.SM_90,)
 """Where the wgmma variants (w<size>) run: warpgroup mma, which the bundle builds as sm_90a there."""
-WGMMA_BLOCK_SIZES = (64, 96, 128)
+WGMMA_BLOCK_SIZES = (64, 96, 128, 160)
 """Block sizes of the wgmma variants, whatever the spec's prefill.block_sizes (align takes the
 variant's size as an override), each a wgmma's N: 128 for T >= ~1024 (each dequantised weight serves
 twice the tokens of b64), and 64, which dequantises once an expert of 33-64 tokens that b32x2 does
@@ -73,7 +80,16 @@ wgmma kernels had their copying warps (it had lost to b64 before them), and qwen
 block's wgmma was only as wide as its real pairs. 96 holds an expert of 65-96 tokens in one block (w64
 reads it twice) with w64's tall down, where w128's down is half as tall: on an H200 it took the T = 897-1408
 of qwen3moe (-6 to -16 % uniform), 1025-1408 of qwen3moe_235b (-9 to -16 %) and 513-768 of olmoe (up to
--19 %) (docs/perf-notes.md)."""
+-19 %) (docs/perf-notes.md). 160 holds in one block an expert of up to 160 tokens, in two one of up to 320,
+where uniform routing puts the mean pairs an expert at qwen3moe's T = 2048 and 4096 (128 and 256): w128 gives
+about half the experts there a partly filled last block, which costs ~60 % of a full one (sixty-sixth session).
+Its gate+up takes WG_WIDE_ROWS rows a tile."""
+WG_WIDE_ROWS = 96
+"""Rows of each matrix a wgmma gate+up tile takes where the block is above 128 (w160): three multiplying
+warpgroups, whose 80 accumulators a thread fit the 160 registers they are given (with four, at 112 a thread,
+ptxas serialised every wgmma of an N = 144 kernel and spilled), and two stages of 96 rows and 160 tokens fit
+beside the scale tables because the wgmma stages' tokens take 512 bytes a row (stage_bytes). Needs I to be a
+multiple of 96."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
@@ -153,18 +169,22 @@ def wg_down_rows(spec: MoeSpec, block_size: int) -> int:
     tall, qd = WG_DOWN_TALL_ROWS, spec.quant.down
     if block_size > WG_DOWN_TALL_MAX_BLOCK or spec.hidden_size % tall:
         return ROWS
-    fitting = stages_by_arch(spec, stage_bytes(qd, 1, block_size, tall), 1, static_smem(qd, 1, tall, 1, True))
+    fitting = stages_by_arch(spec, stage_bytes(qd, 1, block_size, tall, True), 1, static_smem(qd, 1, tall, 1, True))
     return tall if all(a.value in fitting for a in WGMMA_ARCHS if a in spec.target_archs) else ROWS
 
 
 def tile_rows(spec: MoeSpec, block_size: int, ctas: int, matrices: int, wgmma: bool = False) -> int:
-    """Weight rows of each matrix a CTA takes: rows_for(ctas), except the wgmma down's (wg_down_rows)."""
-    return wg_down_rows(spec, block_size) if wgmma and matrices == 1 else rows_for(ctas)
+    """Weight rows of each matrix a CTA takes: rows_for(ctas), except the wgmma down's (wg_down_rows) and the
+    wgmma gate+up's above 128 tokens a block (WG_WIDE_ROWS)."""
+    if wgmma and matrices == 1:
+        return wg_down_rows(spec, block_size)
+    return WG_WIDE_ROWS if wgmma and block_size > 128 else rows_for(ctas)
 
 
-def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS) -> int:
-    """One k-step of a tile: each matrix's `rows` quantized blocks, and the block's activations."""
-    return matrices * rows * gpu_block_bytes(qt) + block_size * LD * MMA_BYTES
+def stage_bytes(qt: QuantType, matrices: int, block_size: int, rows: int = ROWS, wgmma: bool = False) -> int:
+    """One k-step of a tile: each matrix's `rows` quantized blocks, and the block's activations (a row of
+    LD, or of QK_K in the wgmma form, whose swizzled token tiles have no pad: stream.cuh's StreamGeometry)."""
+    return matrices * rows * gpu_block_bytes(qt) + block_size * (QK_K if wgmma else LD) * MMA_BYTES
 
 
 def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int, wgmma: bool = False) -> int:
@@ -172,9 +192,10 @@ def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int, wgmma: bool 
     the four-CTA variants), plus the wgmma form's Q4_K scale tables (WG_SCALE_TABLE_BYTES a
     multiplying warp); at more, the kernel's own, one block scale a row and stage for Q6_K
     (stream.cuh's block_d) at MAX_STAGES."""
+    if wgmma:
+        return WG_STATIC_SMEM + (WG_SCALE_TABLE_BYTES * matrices * rows // 16 if qt is QuantType.Q4_K else 0)
     if ctas <= 2:
-        tables = WG_SCALE_TABLE_BYTES * matrices * rows // 16 if wgmma and qt is QuantType.Q4_K else 0
-        return STATIC_SMEM + tables
+        return STATIC_SMEM
     return MAX_STAGES * BLOCK_D_BYTES * (matrices * rows if qt is QuantType.Q6_K else 1)
 
 
@@ -195,9 +216,9 @@ def _stages(spec: MoeSpec, block_size: int, ctas: int, wgmma: bool = False) -> t
     than two tiles' k-steps: a claimed tile's slot is rewritten two tiles on (stream.cuh)."""
     q = spec.quant
     rows, down_rows = (tile_rows(spec, block_size, ctas, matrices, wgmma) for matrices in (2, 1))
-    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows), ctas,
+    gate_up = stages_by_arch(spec, stage_bytes(q.gate, 2, block_size, rows, wgmma), ctas,
                              static_smem(q.gate, 2, rows, ctas, wgmma))
-    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, down_rows), ctas,
+    down = stages_by_arch(spec, stage_bytes(q.down, 1, block_size, down_rows, wgmma), ctas,
                           static_smem(q.down, 1, down_rows, ctas, wgmma))
     both = gate_up.keys() & down.keys()
     gate_up_cap = 2 * spec.hidden_size // QK_K if wgmma else MAX_STAGES
@@ -214,7 +235,8 @@ def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
 
 def _wgmma_variants(spec: MoeSpec) -> list[int]:
     """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma."""
-    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}]
+    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}
+            and spec.intermediate_size % tile_rows(spec, bs, 1, 2, True) == 0]
 
 
 MIXED_PAIRS = (("b32x2", "w64", 1.125),)
@@ -262,9 +284,11 @@ def default_variant(spec: MoeSpec) -> tuple[int, int]:
 
 
 def rule_variant(spec: MoeSpec, tokens: int) -> str:
-    """The default rule's stream variant for `tokens` (RULE_BY_PAIRS_PER_EXPERT)."""
+    """The default rule's stream variant for `tokens` (RULE_BY_PAIRS_PER_EXPERT): w128 past its bound where the
+    spec has no w160 (WG_WIDE_ROWS does not divide its I)."""
     pairs_per_expert = tokens * spec.top_k / spec.num_experts
-    return next(variant for bound, variant in RULE_BY_PAIRS_PER_EXPERT if pairs_per_expert <= bound)
+    variant = next(variant for bound, variant in RULE_BY_PAIRS_PER_EXPERT if pairs_per_expert <= bound)
+    return "w128" if variant == "w160" and 160 not in _wgmma_variants(spec) else variant
 
 
 WG_STEP_GROUPS = {
@@ -371,7 +395,7 @@ def _kernels(spec: MoeSpec, family: str, quant_name: str, qt: QuantType, out_dim
         if wg:
             stages = {a: n for a, n in stages.items() if a in {w.value for w in WGMMA_ARCHS}}
         rows = tile_rows(spec, bs, ctas, matrices, wg)
-        stage = stage_bytes(qt, matrices, bs, rows)
+        stage = stage_bytes(qt, matrices, bs, rows, wg)
         by_arch = [(ARCH_NUMBER[a], stages[a.value], stages[a.value] * stage)
                    for a in spec.target_archs if a.value in stages]
         # the wgmma form gives each warp 16 rows in all (gate+up: 8 of each matrix): twice the warps for gate+up
