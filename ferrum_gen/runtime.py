@@ -781,15 +781,18 @@ class MoeLayer:
             gate_up = [kern for kern in gate_up if kern.launch["block_size"] == override]
             down = [kern for kern in down if kern.launch["block_size"] == override]
         dependent = self.uses_pdl(choice)
-        # the block size of the stream variant whose gate+up reads x_sorted, which is y's buffer, and whose down
-        # therefore stores y by a's row (stream.y_by_row), else 0: gather_x writes x_sorted and pair_row (of a mixed
-        # variant: where align chose that size), and the combine then reads y by them
-        y_row_block = next((kern.launch["block_size"] for kern in down if kern.launch.get("y_by_row")), 0)
         # a mixed stream variant (stream.MIXED_PAIRS): both block sizes' kernels, align picking one a call, launched
         # small gate+up, small down, large gate+up, large down, so that the chosen gate+up is always followed by its
         # down (which starts on the SMs its last tiles leave) and the other size's kernels return at once
         # (stream.cuh): the small down runs in the gate+up phase
         mixed = len(gate_up) > 1 and choice.path in tuning.LOCKSTEP_PATHS
+        # the block sizes whose gate+up reads x_sorted, which is y's buffer, and whose down therefore stores y by a's
+        # row (stream.y_by_row): gather_x writes x_sorted and pair_row before the first of those gate+up kernels,
+        # and the combine reads y by them; row_block, where a mixed variant has one such size (b32x2+w64), makes
+        # both do so only where align chose it, and is 0 where every size does (w128+w160, or one kernel)
+        y_row_sizes = [kern.launch["block_size"] for kern in down if kern.launch.get("y_by_row")]
+        row_block = y_row_sizes[0] if mixed and len(y_row_sizes) == 1 else 0
+        gather_before = row_block or (y_row_sizes[0] if y_row_sizes else 0)  # the gate+up gather_x precedes
 
         def align() -> None:
             if plan_ready:
@@ -802,13 +805,13 @@ class MoeLayer:
                          counts=self.align_counts, **self._align_outputs(choice))
 
         def launch_gate_up(kern: Kernel, x_in: Any, second: bool) -> None:
-            if y_row_block and kern.launch["block_size"] == y_row_block:
+            if kern.launch["block_size"] == gather_before:
                 kx = self.k_gather_x
                 grid = min(-(-P // kx.launch["warps"]), kx.launch["ctas_per_sm"] * self._sm_count)
                 self._launch(kx, (grid,), stream, dependent=dependent, x=x_in, sorted_ids=self.sorted_ids,
                              block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
                              num_pairs=P, x_sorted=self.x_sorted, pair_row=self.pair_row,
-                             for_block=y_row_block if mixed else 0)
+                             for_block=row_block)
             grid, smem = self._persistent_grid(kern, P)
             self._launch(kern, (grid,), stream, smem, dependent, x=x_in, sorted_ids=self.sorted_ids,
                          block_expert=self.block_expert, block_a_row=self.block_a_row, plan=self.plan,
@@ -847,7 +850,7 @@ class MoeLayer:
             ("combine", lambda: self._launch(self.k_combine, (T, self.k_combine.launch["ctas_per_token"]), stream,
                                              dependent=dependent and T < COMBINE_PLAIN_FROM, y=self.y_pairs,
                                              pair_row=self.pair_row, plan=self.plan,
-                                             y_by_row=(y_row_block if mixed else 1) if y_row_block else 0,
+                                             y_by_row=(row_block or 1) if y_row_sizes else 0,
                                              weights=self.weights, out=out_c)),
         ])
 

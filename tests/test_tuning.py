@@ -360,7 +360,7 @@ def test_the_stream_families_take_one_variant_together() -> None:
     stream = [c for c in candidates(Layer, 512) if c.path == "stream"]
     assert sorted(c.name for c in stream) == sorted(f"stream:stream_gate_up_silu={v},stream_down={v}"
                                                     for v in ("b16", "b16x2", "b16x4", "b32", "b32x2", "b32x2+w64",
-                                                              "b64", "w128", "w160", "w64", "w96"))
+                                                              "b64", "w128", "w128+w160", "w160", "w64", "w96"))
     # timed in the buckets from STREAM_TUNE_MIN (5 tokens) up, never below (align and combine cost more than the
     # kernels save there): bucket 6 after 4 (5-6) and a bucket at 5 split off it both time it, bucket 4 does not
     def streams(bucket, buckets):

@@ -239,13 +239,16 @@ def _wgmma_variants(spec: MoeSpec) -> list[int]:
             and spec.intermediate_size % tile_rows(spec, bs, 1, 2, True) == 0]
 
 
-MIXED_PAIRS = (("b32x2", "w64", 1.125),)
+MIXED_PAIRS = (("b32x2", "w64", 1.125), ("w128", "w160", 1.125))
 """Mixed variants (small, large, cost): both kernels of each family launched, and align picking the block size a
 call (families/align.py pair_arg): large where its blocks, each counted `cost` blocks of small, are no more than
 small's. Each block streams its expert's weights once, so under skewed routing (experts of many pairs) the large
 size reads them fewer times, and under uniform routing (experts of fewer pairs than a small block) the small
 kernel, the faster one a block, runs. On an H200 at qwen3moe T = 257-352, b32x2 was 7-11 % faster than w64 under
-uniform routing and w64 14-18 % faster under skewed; a w64 block cost ~1.1 b32x2 blocks (docs/perf-notes.md)."""
+uniform routing and w64 14-18 % faster under skewed; a w64 block cost ~1.1 b32x2 blocks (docs/perf-notes.md).
+w128+w160: where both sizes give each expert the same number of blocks (qwen3moe T = 3072 under uniform routing,
+two each), w160's 96-row gate+up tiles make it ~3 % slower than w128, and where w160 saves blocks it is up to
+17 % faster; both members read x_sorted (runtime.py: gather_x then writes it whichever size align picks)."""
 MIXED_SEPARATOR = "+"
 
 
