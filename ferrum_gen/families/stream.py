@@ -60,10 +60,6 @@ to 5 % at 4096, and 2-3 % slower at T = 3072 uniform (docs/perf-notes.md, sixty-
 STATIC_SMEM = 4096
 """Room left beside the ring for the kernels' static shared memory (the per-stage Q6_K block
 scales, 1 KB at four stages), where a CTA has a whole half of the SM or more."""
-WG_STATIC_SMEM = 2048
-"""The same room in the wgmma kernels, beside their Q4_K scale tables: ptxas -v (nvcc 13.0) gives them
-1 KB (the ring's mbarriers, claimed tiles and Q6_K block scales at two stages); with STATIC_SMEM two stages of
-w144's gate+up would not fit."""
 BLOCK_D_BYTES = 2
 """stream.cuh's block_d: each row's Q6_K block scale a stage, f16 as stored."""
 WG_SCALE_TABLE_BYTES = 512
@@ -88,8 +84,9 @@ WG_WIDE_ROWS = 96
 """Rows of each matrix a wgmma gate+up tile takes where the block is above 128 (w160): three multiplying
 warpgroups, whose 80 accumulators a thread fit the 160 registers they are given (with four, at 112 a thread,
 ptxas serialised every wgmma of an N = 144 kernel and spilled), and two stages of 96 rows and 160 tokens fit
-beside the scale tables because the wgmma stages' tokens take 512 bytes a row (stage_bytes). Needs I to be a
-multiple of 96."""
+beside the scale tables because the wgmma stages' tokens take 512 bytes a row (stage_bytes: with LD's pad two stages
+would take 229,376 bytes, more than the 222,208 left beside the static shared memory).
+Needs I to be a multiple of 96."""
 PRODUCER_WARPS = {1: 1, 2: 4}
 """Copying warps of the wgmma kernels, by matrices: they issue every copy of the ring, and the
 multiplying warps wait only for their stage's copies and hand the stage back on their own
@@ -192,10 +189,9 @@ def static_smem(qt: QuantType, matrices: int, rows: int, ctas: int, wgmma: bool 
     the four-CTA variants), plus the wgmma form's Q4_K scale tables (WG_SCALE_TABLE_BYTES a
     multiplying warp); at more, the kernel's own, one block scale a row and stage for Q6_K
     (stream.cuh's block_d) at MAX_STAGES."""
-    if wgmma:
-        return WG_STATIC_SMEM + (WG_SCALE_TABLE_BYTES * matrices * rows // 16 if qt is QuantType.Q4_K else 0)
     if ctas <= 2:
-        return STATIC_SMEM
+        tables = WG_SCALE_TABLE_BYTES * matrices * rows // 16 if wgmma and qt is QuantType.Q4_K else 0
+        return STATIC_SMEM + tables
     return MAX_STAGES * BLOCK_D_BYTES * (matrices * rows if qt is QuantType.Q6_K else 1)
 
 
