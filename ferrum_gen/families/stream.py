@@ -15,6 +15,7 @@ copying warps, a warp for down and a warpgroup for gate+up): the runtime has ali
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from ..quant import QK_K, QuantType
@@ -229,10 +230,12 @@ def _variants(spec: MoeSpec) -> list[tuple[int, int]]:
             if _stages(spec, bs, ctas)[0]]
 
 
-def _wgmma_variants(spec: MoeSpec) -> list[int]:
-    """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma."""
-    return [bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}
-            and spec.intermediate_size % tile_rows(spec, bs, 1, 2, True) == 0]
+@functools.lru_cache(maxsize=16)
+def _wgmma_variants(spec: MoeSpec) -> tuple[int, ...]:
+    """Block sizes of the wgmma variants: one CTA an SM, on the target archs that have wgmma. Cached: the default
+    rule (rule_variant) asks on every forward that no table bucket serves, and working the rings out takes ~60 us."""
+    return tuple(bs for bs in WGMMA_BLOCK_SIZES if set(_stages(spec, bs, 1, True)[0]) & {a.value for a in WGMMA_ARCHS}
+                 and spec.intermediate_size % tile_rows(spec, bs, 1, 2, True) == 0)
 
 
 MIXED_PAIRS = (("b32x2", "w64", 1.125), ("w128", "w160", 1.125))
